@@ -1,0 +1,54 @@
+-- flowfabric schema, part 1: configuration and the HMAC keystore.
+-- All engine state lives in plain tables of the extension's schema; functions
+-- run with search_path pinned to it.
+
+CREATE TABLE ff_partition_config (
+    singleton_lock        boolean PRIMARY KEY DEFAULT true CHECK (singleton_lock),
+    num_flow_partitions   int NOT NULL DEFAULT 256 CHECK (num_flow_partitions BETWEEN 1 AND 32767),
+    num_budget_partitions int NOT NULL DEFAULT 32 CHECK (num_budget_partitions BETWEEN 1 AND 32767),
+    num_quota_partitions  int NOT NULL DEFAULT 32 CHECK (num_quota_partitions BETWEEN 1 AND 32767),
+    ff_version            text NOT NULL
+);
+COMMENT ON TABLE ff_partition_config IS
+    'Partition counts used to slot ids (CRC-16/XMODEM % N); fixed once any engine data exists.';
+
+INSERT INTO ff_partition_config (ff_version) VALUES ('0.1.0');
+
+-- Partition slots are baked into stored ids, so the counts may change only
+-- while the engine holds no data.
+CREATE FUNCTION ff_partition_config_guard() RETURNS trigger
+LANGUAGE plpgsql SET search_path = @extschema@, pg_temp AS $$
+BEGIN
+    IF TG_OP <> 'UPDATE' THEN
+        RAISE EXCEPTION 'ff_partition_config holds exactly one row; update it instead'
+            USING ERRCODE = '55000';
+    END IF;
+    IF (NEW.num_flow_partitions, NEW.num_budget_partitions, NEW.num_quota_partitions)
+       IS DISTINCT FROM (OLD.num_flow_partitions, OLD.num_budget_partitions, OLD.num_quota_partitions)
+       AND (EXISTS (SELECT 1 FROM ff_exec_core) OR EXISTS (SELECT 1 FROM ff_flow_core)
+            OR EXISTS (SELECT 1 FROM ff_budget_policy) OR EXISTS (SELECT 1 FROM ff_quota_policy))
+    THEN
+        RAISE EXCEPTION 'partition counts are fixed once engine data exists'
+            USING ERRCODE = '55000';
+    END IF;
+    RETURN NEW;
+END $$;
+
+CREATE TRIGGER ff_partition_config_guard
+    BEFORE INSERT OR UPDATE OR DELETE ON ff_partition_config
+    FOR EACH ROW EXECUTE FUNCTION ff_partition_config_guard();
+
+-- Signing keys for claim grants. Exactly one key is active; retired keys keep
+-- verifying for flowfabric.key_grace_ms after retired_at_ms.
+CREATE TABLE ff_waitpoint_hmac (
+    kid            text PRIMARY KEY
+                   CHECK (kid ~ '^[!-9;-~]{1,64}$'),
+    secret         bytea NOT NULL CHECK (length(secret) >= 16),
+    rotated_at_ms  bigint NOT NULL,
+    active         boolean NOT NULL DEFAULT true,
+    retired_at_ms  bigint,
+    CHECK (active = (retired_at_ms IS NULL))
+);
+CREATE UNIQUE INDEX ff_waitpoint_hmac_one_active ON ff_waitpoint_hmac (active) WHERE active;
+COMMENT ON TABLE ff_waitpoint_hmac IS
+    'HMAC-SHA256 keystore for claim grants; never readable by worker roles.';

@@ -1,0 +1,104 @@
+//! Thin layer over SPI: every statement goes through a per-backend cache of
+//! prepared plans, so a hot call never re-parses or re-plans its SQL.
+
+use crate::error::{FfError, FfResult};
+use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys::PgOid;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
+use pgrx::{FromDatum, IntoDatum, Spi};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+thread_local! {
+    static PLANS: RefCell<HashMap<&'static str, std::rc::Rc<OwnedPreparedStatement>>> =
+        RefCell::new(HashMap::new());
+}
+
+/// Runs `f` with an SPI connection; SPI failures become `FfError`s.
+pub fn with_spi<T>(f: impl FnOnce(&mut SpiClient<'_>) -> FfResult<T>) -> FfResult<T> {
+    Spi::connect_mut(|client| f(client))
+}
+
+/// Executes `sql` with `args` through a cached prepared plan. The argument
+/// types of the first call fix the plan's parameter types, so each call site
+/// must always pass the same Rust types.
+pub fn exec<'conn>(
+    client: &mut SpiClient<'conn>,
+    sql: &'static str,
+    args: &[DatumWithOid<'_>],
+) -> FfResult<SpiTupleTable<'conn>> {
+    let plan = cached_plan(client, sql, args)?;
+    Ok(client.update(&*plan, None, args)?)
+}
+
+fn cached_plan(
+    client: &SpiClient<'_>,
+    sql: &'static str,
+    args: &[DatumWithOid<'_>],
+) -> FfResult<std::rc::Rc<OwnedPreparedStatement>> {
+    if let Some(plan) = PLANS.with(|p| p.borrow().get(sql).cloned()) {
+        return Ok(plan);
+    }
+    let oids: Vec<PgOid> = args.iter().map(|a| PgOid::from(a.oid())).collect();
+    let plan = std::rc::Rc::new(client.prepare_mut(sql, &oids)?.keep());
+    PLANS.with(|p| p.borrow_mut().insert(sql, plan.clone()));
+    Ok(plan)
+}
+
+/// Typed read of column `ordinal` (1-based) of the current row.
+pub fn col<T: FromDatum + IntoDatum>(table: &SpiTupleTable<'_>, ordinal: usize) -> FfResult<Option<T>> {
+    Ok(table.get::<T>(ordinal)?)
+}
+
+/// Like `col`, for columns that are NOT NULL by schema.
+pub fn col_req<T: FromDatum + IntoDatum>(table: &SpiTupleTable<'_>, ordinal: usize) -> FfResult<T> {
+    col(table, ordinal)?.ok_or_else(|| FfError::internal(format!("unexpected NULL in column {ordinal}")))
+}
+
+/// The first row of a result, positioned for `col`, or `None` when empty.
+pub fn first_row<'conn>(table: SpiTupleTable<'conn>) -> Option<SpiTupleTable<'conn>> {
+    if table.is_empty() {
+        None
+    } else {
+        Some(table.first())
+    }
+}
+
+/// Wall-clock time in unix milliseconds (what every `_ms` column holds).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs `f` in its own subtransaction. On an error inside, only the
+/// subtransaction rolls back and the error report comes back as `Err`, so the
+/// caller's transaction goes on (like a PL/pgSQL EXCEPTION block).
+pub fn in_subtransaction<T>(f: impl FnOnce() -> T) -> Result<T, pgrx::pg_sys::panic::ErrorReportWithLevel> {
+    use pgrx::pg_sys;
+    use pgrx::pg_sys::panic::CaughtError;
+    // SAFETY: standard internal-subtransaction protocol (see pl_exec.c):
+    // remember the memory context and resource owner, and restore both after
+    // the subtransaction ends either way.
+    unsafe {
+        let ctx = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(ctx);
+        let outcome = pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(move || Ok(f())))
+            .catch_others(|e| match e {
+                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) | CaughtError::RustPanic { ereport: r, .. } => {
+                    Err(r)
+                }
+            })
+            .execute();
+        match outcome {
+            Ok(_) => pg_sys::ReleaseCurrentSubTransaction(),
+            Err(_) => pg_sys::RollbackAndReleaseCurrentSubTransaction(),
+        }
+        pg_sys::MemoryContextSwitchTo(ctx);
+        pg_sys::CurrentResourceOwner = owner;
+        outcome
+    }
+}

@@ -1,0 +1,41 @@
+//! flowfabric: a durable execution engine inside PostgreSQL.
+//!
+//! Each domain has its own module with its pure logic, the SPI operations
+//! built on it, and thin `#[pg_extern]` wrappers. Schema SQL lives in `sql/`.
+
+use pgrx::prelude::*;
+
+pub mod budget;
+pub mod crypto;
+pub mod db;
+pub mod error;
+pub mod guc;
+pub mod ids;
+pub mod keystore;
+pub mod quota;
+
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_tests;
+
+::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../sql/config.sql", name = "config", bootstrap);
+extension_sql_file!("../sql/budget.sql", name = "budget_schema", requires = ["config"]);
+extension_sql_file!("../sql/exec.sql", name = "exec_schema", requires = ["config"]);
+extension_sql_file!("../sql/flow.sql", name = "flow_schema", requires = ["exec_schema"]);
+extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::register();
+}
+
+/// Hooks for `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

@@ -1,0 +1,230 @@
+use super::*;
+
+#[pg_schema]
+mod tests {
+    use super::*;
+
+    fn report(sql_args: &str) -> String {
+        one::<String>(&format!(
+            "SELECT format('%s|%s|%s|%s', outcome, dimension, current_usage, limit_value) FROM ff_report_usage({sql_args})"
+        ))
+        .unwrap()
+    }
+
+    fn usage(budget: &str, dim: &str) -> i64 {
+        one(&format!(
+            "SELECT coalesce((ff_get_budget_status('{budget}') -> 'usage' ->> '{dim}')::bigint, 0)"
+        ))
+        .unwrap()
+    }
+
+    fn status(budget: &str, field: &str) -> Option<String> {
+        one(&format!("SELECT ff_get_budget_status('{budget}') ->> '{field}'"))
+    }
+
+    #[pg_test]
+    fn create_budget_is_idempotent() {
+        assert_eq!(one::<String>("SELECT ff_create_budget('b1', '{tokens}', '{100}', '{80}')").as_deref(), Some("created"));
+        assert_eq!(
+            one::<String>("SELECT ff_create_budget('b1', '{tokens}', '{5}', '{1}')").as_deref(),
+            Some("already_satisfied")
+        );
+        assert_eq!(status("b1", "hard_limits").as_deref(), Some(r#"{"tokens": 100}"#));
+        assert_eq!(status("b1", "enforcement_mode").as_deref(), Some("strict"));
+        assert_eq!(status("b1", "next_reset_at"), None);
+    }
+
+    #[pg_test]
+    fn create_budget_with_named_arguments_and_reset() {
+        Spi::run(
+            "SELECT ff_create_budget('b2', ARRAY['tokens','requests'], ARRAY[100,10]::bigint[], ARRAY[0,0]::bigint[],
+                 reset_interval_ms => 60000, scope_type => 'flow', scope_id => 'f-1')",
+        )
+        .unwrap();
+        assert_eq!(status("b2", "scope_type").as_deref(), Some("flow"));
+        let scheduled: bool = one(
+            "SELECT (ff_get_budget_status('b2') ->> 'next_reset_at')::bigint
+                    BETWEEN (extract(epoch FROM now()) * 1000)::bigint + 50000
+                        AND (extract(epoch FROM clock_timestamp()) * 1000)::bigint + 61000",
+        )
+        .unwrap();
+        assert!(scheduled);
+        let policy: Option<String> = one("SELECT policy_json::text FROM ff_budget_policy WHERE budget_id = 'b2'");
+        assert_eq!(
+            policy.as_deref(),
+            Some(r#"{"hard_limits": {"tokens": 100, "requests": 10}, "soft_limits": {"tokens": 0, "requests": 0}, "on_hard_limit": "fail", "on_soft_limit": "warn", "reset_interval_ms": 60000}"#)
+        );
+    }
+
+    #[pg_test]
+    fn soft_then_hard_breach() {
+        Spi::run("SELECT ff_create_budget('b', '{tokens}', '{100}', '{50}')").unwrap();
+        assert_eq!(report("'b', '{\"tokens\": 60}'"), "soft_breach|tokens|60|50");
+        assert_eq!(status("b", "soft_breach_count").as_deref(), Some("1"));
+        assert_eq!(report("'b', '{\"tokens\": 60}'"), "hard_breach|tokens|60|100");
+        assert_eq!(usage("b", "tokens"), 60);
+        assert_eq!(status("b", "breach_count").as_deref(), Some("1"));
+        assert_eq!(status("b", "last_breach_dim").as_deref(), Some("tokens"));
+        assert!(status("b", "last_breach_at").is_some());
+    }
+
+    #[pg_test]
+    fn hard_breach_on_any_dimension_applies_nothing() {
+        Spi::run("SELECT ff_create_budget('b', '{a,z}', '{0,10}', '{0,0}')").unwrap();
+        assert_eq!(report("'b', '{\"a\": 5, \"z\": 11}'"), "hard_breach|z|0|10");
+        assert_eq!(usage("b", "a"), 0);
+        assert_eq!(report("'b', '{\"a\": 5, \"z\": 10}'"), "ok|||");
+        assert_eq!(usage("b", "a"), 5);
+        assert_eq!(usage("b", "z"), 10);
+    }
+
+    #[pg_test]
+    fn no_policy_row_still_counts() {
+        assert_eq!(report("'nopolicy', '{\"t\": 7}'"), "ok|||");
+        assert_eq!(report("'nopolicy', '{\"t\": 3}'"), "ok|||");
+        let v: i64 = one("SELECT current_value FROM ff_budget_usage WHERE budget_id = 'nopolicy'").unwrap();
+        assert_eq!(v, 10);
+    }
+
+    #[pg_test]
+    fn dedup_replays_the_cached_outcome() {
+        Spi::run("SELECT ff_create_budget('b', '{tokens}', '{100}', '{50}')").unwrap();
+        assert_eq!(report("'b', '{\"tokens\": 60}', 'k1'"), "soft_breach|tokens|60|50");
+        assert_eq!(report("'b', '{\"tokens\": 60}', 'k1'"), "soft_breach|tokens|60|50");
+        assert_eq!(usage("b", "tokens"), 60);
+        assert_eq!(report("'b', '{\"tokens\": 50}', dedup_key => 'k2'"), "hard_breach|tokens|60|100");
+        assert_eq!(report("'b', '{\"tokens\": 1}', 'k2'"), "hard_breach|tokens|60|100");
+        assert_eq!(status("b", "breach_count").as_deref(), Some("1"));
+        // An in-flight or crashed placeholder replays as already_applied.
+        Spi::run("INSERT INTO ff_budget_usage_dedup VALUES ('b', 'k3', 0, '{}', 0, 9223372036854775807)").unwrap();
+        assert_eq!(report("'b', '{\"tokens\": 1}', 'k3'"), "already_applied|||");
+        assert_eq!(usage("b", "tokens"), 60);
+    }
+
+    #[pg_test]
+    fn expired_dedup_key_counts_again() {
+        Spi::run("INSERT INTO ff_budget_usage_dedup VALUES ('b', 'old', 0, '{\"kind\":\"Ok\"}', 0, 1)").unwrap();
+        assert_eq!(report("'b', '{\"t\": 4}', 'old'"), "ok|||");
+        let v: i64 = one("SELECT current_value FROM ff_budget_usage WHERE budget_id = 'b'").unwrap();
+        assert_eq!(v, 4);
+    }
+
+    #[pg_test]
+    fn report_usage_admin_matches_report_usage() {
+        Spi::run("SELECT ff_create_budget('b', '{tokens}', '{100}', '{50}')").unwrap();
+        let row: Option<String> = one(
+            "SELECT format('%s|%s|%s|%s', outcome, dimension, current_usage, limit_value)
+             FROM ff_report_usage_admin('b', '{tokens}', '{60}')",
+        );
+        assert_eq!(row.as_deref(), Some("soft_breach|tokens|60|50"));
+        assert_fails("SELECT * FROM ff_report_usage_admin('b', '{a,b}', '{1}')", "ERRCODE_INVALID_PARAMETER_VALUE");
+        assert_fails("SELECT * FROM ff_report_usage_admin('b', '{a}', '{-1}')", "ERRCODE_INVALID_PARAMETER_VALUE");
+        assert_fails("SELECT * FROM ff_report_usage_admin('b', '{a}', '{NULL}')", "ERRCODE_NULL_VALUE_NOT_ALLOWED");
+    }
+
+    #[pg_test]
+    fn two_reports_in_one_transaction_both_apply() {
+        Spi::run("SELECT ff_report_usage('b', '{\"t\": 1}'); SELECT ff_report_usage('b', '{\"t\": 2}')").unwrap();
+        let v: i64 = one("SELECT current_value FROM ff_budget_usage WHERE budget_id = 'b'").unwrap();
+        assert_eq!(v, 3);
+    }
+
+    #[pg_test]
+    fn reset_zeroes_usage_and_clears_the_last_breach() {
+        Spi::run("SELECT ff_create_budget('b', '{t}', '{10}', '{0}', reset_interval_ms => 1000)").unwrap();
+        Spi::run("SELECT ff_report_usage('b', '{\"t\": 10}')").unwrap();
+        assert_eq!(report("'b', '{\"t\": 1}'"), "hard_breach|t|10|10");
+        let next: i64 = one("SELECT ff_reset_budget('b')").unwrap();
+        let now: i64 = one("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint").unwrap();
+        assert!(next > now && next <= now + 1000, "next reset {next} vs now {now}");
+        assert_eq!(usage("b", "t"), 0);
+        assert_eq!(status("b", "last_breach_dim"), None);
+        assert_eq!(status("b", "breach_count").as_deref(), Some("1"));
+        Spi::run("SELECT ff_create_budget('noreset', '{t}', '{10}', '{0}')").unwrap();
+        assert_eq!(one::<i64>("SELECT ff_reset_budget('noreset')"), Some(0));
+        assert_fails("SELECT ff_reset_budget('missing')", "ERRCODE_NO_DATA_FOUND");
+        assert_fails("SELECT ff_get_budget_status('missing')", "ERRCODE_NO_DATA_FOUND");
+    }
+
+    #[pg_test]
+    fn record_spend_and_release() {
+        let e1 = "{fp:24}:550e8400-e29b-41d4-a716-446655440000";
+        let e2 = "{fp:1}:650e8400-e29b-41d4-a716-446655440000";
+        Spi::run("SELECT ff_create_budget('b', '{tokens,cost}', '{100,0}', '{50,0}')").unwrap();
+        let spend = |exec: &str, deltas: &str, key: &str| -> String {
+            one::<String>(&format!(
+                "SELECT format('%s|%s|%s|%s', outcome, dimension, current_usage, limit_value)
+                 FROM ff_record_spend('b', '{exec}', '{deltas}', '{key}')"
+            ))
+            .unwrap()
+        };
+        assert_eq!(spend(e1, r#"{"tokens": 10, "cost": 20}"#, "i1"), "ok|||");
+        assert_eq!(spend(e1, r#"{"tokens": 10, "cost": 20}"#, "i1"), "already_applied|||");
+        assert_eq!(spend(e1, r#"{"tokens": 50}"#, "i2"), "soft_breach|tokens|60|50");
+        assert_eq!(spend(e2, r#"{"tokens": 30}"#, "i3"), "soft_breach|tokens|90|50");
+        assert_eq!(spend(e2, r#"{"tokens": 30}"#, "i4"), "hard_breach|tokens|90|100");
+        let ledger: i64 = one(
+            "SELECT delta_total FROM ff_budget_usage_by_exec WHERE execution_id = '650e8400-e29b-41d4-a716-446655440000'",
+        )
+        .unwrap();
+        assert_eq!(ledger, 30);
+        Spi::run(&format!("SELECT ff_release_budget('b', '{e1}')")).unwrap();
+        assert_eq!(usage("b", "tokens"), 30);
+        assert_eq!(usage("b", "cost"), 0);
+        Spi::run(&format!("SELECT ff_release_budget('b', '{e1}')")).unwrap();
+        assert_eq!(usage("b", "tokens"), 30);
+        // Release after a reset clamps at zero.
+        Spi::run("SELECT ff_reset_budget('b')").unwrap();
+        Spi::run(&format!("SELECT ff_release_budget('b', '{e2}')")).unwrap();
+        assert_eq!(usage("b", "tokens"), 0);
+        assert_fails("SELECT ff_release_budget('b', 'not-an-id')", "ERRCODE_INVALID_PARAMETER_VALUE");
+        assert_fails("SELECT * FROM ff_record_spend('b', '{fp:1}:zz', '{}', 'k')", "ERRCODE_INVALID_PARAMETER_VALUE");
+    }
+
+    #[pg_test]
+    fn bad_input_is_refused_and_writes_nothing() {
+        for (sql, code) in [
+            ("SELECT * FROM ff_report_usage('b', '[1,2]')", "ERRCODE_INVALID_PARAMETER_VALUE"),
+            ("SELECT * FROM ff_report_usage('b', '{\"t\": -1}')", "ERRCODE_INVALID_PARAMETER_VALUE"),
+            ("SELECT * FROM ff_report_usage('b', '{\"t\": 1.5}')", "ERRCODE_INVALID_PARAMETER_VALUE"),
+            ("SELECT * FROM ff_report_usage('b', '{\"t\": \"5\"}')", "ERRCODE_INVALID_PARAMETER_VALUE"),
+            ("SELECT * FROM ff_report_usage('b', '{\"t\": 1e30}')", "ERRCODE_INVALID_PARAMETER_VALUE"),
+            ("SELECT * FROM ff_report_usage('b', NULL)", "ERRCODE_NULL_VALUE_NOT_ALLOWED"),
+            ("SELECT * FROM ff_report_usage(NULL, '{}')", "ERRCODE_NULL_VALUE_NOT_ALLOWED"),
+            ("SELECT * FROM ff_report_usage(repeat('x', 300), '{\"t\": 1}')", "ERRCODE_INVALID_PARAMETER_VALUE"),
+            ("SELECT ff_create_budget('b', '{t,u}', '{1}', '{1,1}')", "ERRCODE_INVALID_PARAMETER_VALUE"),
+            ("SELECT ff_create_budget('b', '{t}', '{-1}', '{0}')", "ERRCODE_INVALID_PARAMETER_VALUE"),
+            ("SELECT ff_create_budget('', '{t}', '{1}', '{0}')", "ERRCODE_INVALID_PARAMETER_VALUE"),
+            ("SELECT ff_create_budget(repeat('y', 256), '{t}', '{1}', '{0}')", "ERRCODE_INVALID_PARAMETER_VALUE"),
+            ("SELECT ff_create_budget('b', '{t}', '{1}', '{0}', reset_interval_ms => -1)", "ERRCODE_INVALID_PARAMETER_VALUE"),
+            ("SELECT ff_create_budget('b', '{t}', '{1}', NULL)", "ERRCODE_NULL_VALUE_NOT_ALLOWED"),
+            ("SELECT ff_create_quota_policy('q', 0, 1, 1)", "ERRCODE_INVALID_PARAMETER_VALUE"),
+            ("SELECT ff_create_quota_policy('q', 60, -1, 1)", "ERRCODE_INVALID_PARAMETER_VALUE"),
+        ] {
+            assert_fails(sql, code);
+        }
+        let rows: i64 = one(
+            "SELECT (SELECT count(*) FROM ff_budget_policy) + (SELECT count(*) FROM ff_budget_usage)
+                  + (SELECT count(*) FROM ff_quota_policy) + (SELECT count(*) FROM ff_budget_usage_dedup)",
+        )
+        .unwrap();
+        assert_eq!(rows, 0);
+    }
+
+    #[pg_test]
+    fn overflow_is_refused() {
+        Spi::run("SELECT ff_report_usage('b', '{\"t\": 9223372036854775807}')").unwrap();
+        assert_fails("SELECT * FROM ff_report_usage('b', '{\"t\": 1}')", "ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE");
+    }
+
+    #[pg_test]
+    fn quota_policy_is_idempotent() {
+        assert_eq!(one::<String>("SELECT ff_create_quota_policy('q', 60, 10, 2)").as_deref(), Some("created"));
+        assert_eq!(
+            one::<String>("SELECT ff_create_quota_policy('q', 30, 1, 1)").as_deref(),
+            Some("already_satisfied")
+        );
+        let cap: i64 = one("SELECT active_concurrency_cap FROM ff_quota_policy WHERE quota_policy_id = 'q'").unwrap();
+        assert_eq!(cap, 2);
+    }
+}

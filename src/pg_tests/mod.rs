@@ -1,0 +1,28 @@
+//! In-database tests (`#[pg_test]`): each runs inside a transaction that is
+//! rolled back afterwards, and talks to the extension through SQL only.
+
+mod budget;
+mod schema;
+
+use pgrx::prelude::*;
+
+/// Runs `sql` and returns the SQLSTATE it failed with, or `None` when it
+/// succeeded. The statement runs in a subtransaction so the test goes on.
+pub fn sqlstate_of(sql: &str) -> Option<String> {
+    match crate::db::in_subtransaction(|| Spi::run(sql)) {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("spi: {e}")),
+        Err(report) => Some(format!("{:?}", report.sql_error_code())),
+    }
+}
+
+/// One value from a query.
+pub fn one<T: FromDatum + IntoDatum>(sql: &str) -> Option<T> {
+    Spi::get_one::<T>(sql).expect("query failed")
+}
+
+/// Asserts that `sql` fails with SQLSTATE `code` (as `ERRCODE_...` name).
+pub fn assert_fails(sql: &str, code: &str) {
+    let got = sqlstate_of(sql);
+    assert_eq!(got.as_deref(), Some(code), "expected {sql} to fail with {code}");
+}

@@ -1,0 +1,97 @@
+//! Quota policies: a sliding window of admissions and a concurrency cap,
+//! both enforced when a claim admits an execution.
+
+use crate::budget::load_partition_config;
+use crate::db::{exec, now_ms, with_spi};
+use crate::error::{required, FfError, FfResult, OrRaise};
+use crate::ids::check_text_id;
+use pgrx::prelude::*;
+
+/// A validated quota policy. Zero limits mean "unlimited".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaPolicy {
+    pub id: String,
+    pub window_seconds: i64,
+    pub max_requests_per_window: i64,
+    pub max_concurrent: i64,
+}
+
+impl QuotaPolicy {
+    pub fn validate(id: &str, window_seconds: i64, max_requests: i64, max_concurrent: i64) -> FfResult<Self> {
+        check_text_id("quota_policy_id", id)?;
+        if window_seconds <= 0 || window_seconds > 365 * 86_400 {
+            return Err(FfError::invalid(format!(
+                "window_seconds must be between 1 and 31536000, got {window_seconds}"
+            )));
+        }
+        for (name, v) in [("max_requests_per_window", max_requests), ("max_concurrent", max_concurrent)] {
+            if v < 0 {
+                return Err(FfError::invalid(format!("{name} must be >= 0, got {v}")));
+            }
+        }
+        Ok(QuotaPolicy {
+            id: id.to_string(),
+            window_seconds,
+            max_requests_per_window: max_requests,
+            max_concurrent,
+        })
+    }
+}
+
+pub fn create_quota_policy(q: &QuotaPolicy) -> FfResult<&'static str> {
+    with_spi(|c| {
+        let part = load_partition_config(c)?.quota_partition(&q.id);
+        let now = now_ms();
+        let t = exec(
+            c,
+            "INSERT INTO ff_quota_policy (quota_policy_id, partition_key, requests_per_window_seconds,
+                 max_requests_per_window, active_concurrency_cap, created_at_ms, updated_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $6)
+             ON CONFLICT (quota_policy_id) DO NOTHING RETURNING 1",
+            &[
+                q.id.as_str().into(),
+                part.into(),
+                q.window_seconds.into(),
+                q.max_requests_per_window.into(),
+                q.max_concurrent.into(),
+                now.into(),
+            ],
+        )?;
+        Ok(if t.is_empty() { "already_satisfied" } else { "created" })
+    })
+}
+
+/// Creates a quota policy (0 = unlimited). Idempotent: 'created' or
+/// 'already_satisfied'.
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(@extschema@, pg_temp)]
+fn ff_create_quota_policy(
+    quota_policy_id: Option<String>,
+    window_seconds: Option<i64>,
+    max_requests_per_window: Option<i64>,
+    max_concurrent: Option<i64>,
+) -> &'static str {
+    (|| {
+        let q = QuotaPolicy::validate(
+            &required(quota_policy_id, "quota_policy_id")?,
+            required(window_seconds, "window_seconds")?,
+            required(max_requests_per_window, "max_requests_per_window")?,
+            required(max_concurrent, "max_concurrent")?,
+        )?;
+        create_quota_policy(&q)
+    })()
+    .or_raise()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation() {
+        assert!(QuotaPolicy::validate("q", 60, 10, 2).is_ok());
+        assert!(QuotaPolicy::validate("q", 0, 10, 2).is_err());
+        assert!(QuotaPolicy::validate("q", 60, -1, 2).is_err());
+        assert!(QuotaPolicy::validate("", 60, 1, 2).is_err());
+    }
+}

@@ -1,0 +1,1 @@
+echo "client tests: none yet"
