@@ -11,7 +11,7 @@ SUDO=""
 
 need_pkgs=()
 for p in postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang sudo \
-         postgresql-$PG_MAJOR-cron postgresql-contrib python3-psycopg; do
+         postgresql-$PG_MAJOR-cron postgresql-contrib python3-psycopg python3-pytest; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

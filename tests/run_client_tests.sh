@@ -1,1 +1,10 @@
-echo "client tests: none yet"
+#!/usr/bin/env bash
+# Client tests: install the extension into the system PostgreSQL 15, then run
+# the pytest suite, which starts its own private clusters.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PGRX_HOME="$PWD/pgrx-config"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="--sudo"
+cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config $SUDO >/dev/null
+/usr/bin/python3 -m pytest -q -p no:cacheprovider tests "$@"
