@@ -2,6 +2,8 @@
 
 CREATE TABLE ff_exec_core (
     execution_id               uuid PRIMARY KEY,
+    -- Creation order, the FIFO tie-break among equal priority and millisecond.
+    queue_seq                  bigint GENERATED ALWAYS AS IDENTITY,
     partition_key              smallint NOT NULL,
     flow_id                    uuid,
     lane_id                    text NOT NULL,
@@ -41,7 +43,7 @@ CREATE TABLE ff_exec_core (
 
 -- The claim pick: best runnable execution of a lane, one index range scan.
 CREATE INDEX ff_exec_core_claim_idx
-    ON ff_exec_core (lane_id, priority DESC, created_at_ms, execution_id)
+    ON ff_exec_core (lane_id, priority DESC, created_at_ms, queue_seq)
     WHERE lifecycle_phase = 'runnable'
       AND eligibility_state IN ('eligible_now', 'not_eligible_until_time');
 CREATE INDEX ff_exec_core_lease_expiry_idx ON ff_exec_core (lease_expires_at_ms)

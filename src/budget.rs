@@ -625,6 +625,35 @@ pub fn budget_status(budget_id: &str) -> FfResult<Value> {
     })
 }
 
+/// Claim-time admission: the first of `budget_ids` that has a hard-limited
+/// dimension at or over its limit, or `None` when all admit. Reads committed
+/// usage without locking, so claims never queue behind reports.
+pub fn first_exhausted_budget(c: &mut SpiClient<'_>, budget_ids: &[String]) -> FfResult<Option<String>> {
+    let t = exec(
+        c,
+        "SELECT p.budget_id, p.policy_json,
+                coalesce(jsonb_object_agg(u.dimensions_key, u.current_value)
+                         FILTER (WHERE u.dimensions_key IS NOT NULL), '{}')
+         FROM ff_budget_policy p LEFT JOIN ff_budget_usage u ON u.budget_id = p.budget_id
+         WHERE p.budget_id = ANY($1)
+         GROUP BY p.budget_id, p.policy_json
+         ORDER BY p.budget_id",
+        &[budget_ids.to_vec().into()],
+    )?;
+    for row in t {
+        let budget: String = row.get(1)?.unwrap_or_default();
+        let policy = Policy::from_json(&row.get::<JsonB>(2)?.map(|j| j.0).unwrap_or_default());
+        let usage: BTreeMap<String, i64> = row
+            .get::<JsonB>(3)?
+            .and_then(|j| serde_json::from_value(j.0).ok())
+            .unwrap_or_default();
+        if policy.exhausted_dimension(&usage).is_some() {
+            return Ok(Some(budget));
+        }
+    }
+    Ok(None)
+}
+
 // ---------------------------------------------------------------------------
 // SQL API
 // ---------------------------------------------------------------------------

@@ -6,9 +6,11 @@
 use pgrx::prelude::*;
 
 pub mod budget;
+pub mod claim;
 pub mod crypto;
 pub mod db;
 pub mod error;
+pub mod exec;
 pub mod guc;
 pub mod ids;
 pub mod keystore;

@@ -2,10 +2,11 @@
 //! both enforced when a claim admits an execution.
 
 use crate::budget::load_partition_config;
-use crate::db::{exec, now_ms, with_spi};
+use crate::db::{col_req, exec, first_row, now_ms, with_spi};
 use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::ids::check_text_id;
 use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
 
 /// A validated quota policy. Zero limits mean "unlimited".
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +60,68 @@ pub fn create_quota_policy(q: &QuotaPolicy) -> FfResult<&'static str> {
         )?;
         Ok(if t.is_empty() { "already_satisfied" } else { "created" })
     })
+}
+
+/// Admits one execution under a quota policy: fewer than
+/// `max_requests_per_window` admissions in the sliding window and fewer than
+/// `max_concurrent` active executions. Admission counts toward both. The
+/// policy row lock serialises concurrent claimers of one policy. A policy
+/// that does not exist admits everything. Returns false when refused.
+pub fn admit(c: &mut SpiClient<'_>, quota_policy_id: &str, execution_id: &str, now: i64) -> FfResult<bool> {
+    let t = exec(
+        c,
+        "SELECT partition_key, requests_per_window_seconds * 1000, max_requests_per_window,
+                active_concurrency_cap, active_concurrency
+         FROM ff_quota_policy WHERE quota_policy_id = $1 FOR UPDATE",
+        &[quota_policy_id.into()],
+    )?;
+    let Some(row) = first_row(t) else { return Ok(true) };
+    let part: i16 = col_req(&row, 1)?;
+    let window_ms: i64 = col_req(&row, 2)?;
+    let max_requests: i64 = col_req(&row, 3)?;
+    let cap: i64 = col_req(&row, 4)?;
+    let active: i64 = col_req(&row, 5)?;
+    if cap > 0 && active >= cap {
+        return Ok(false);
+    }
+    if max_requests > 0 {
+        let t = exec(
+            c,
+            "SELECT count(*) FROM ff_quota_window WHERE quota_policy_id = $1 AND admitted_at_ms > $2",
+            &[quota_policy_id.into(), (now - window_ms).into()],
+        )?;
+        let in_window: i64 = first_row(t).map(|r| col_req(&r, 1)).transpose()?.unwrap_or(0);
+        if in_window >= max_requests {
+            return Ok(false);
+        }
+    }
+    exec(
+        c,
+        "WITH w AS (
+             INSERT INTO ff_quota_window (quota_policy_id, admitted_at_ms, execution_id, partition_key)
+             VALUES ($1, $3, $2, $4) ON CONFLICT DO NOTHING),
+         a AS (
+             INSERT INTO ff_quota_admitted (quota_policy_id, execution_id, partition_key, admitted_at_ms)
+             VALUES ($1, $2, $4, $3) ON CONFLICT DO NOTHING RETURNING 1)
+         UPDATE ff_quota_policy SET active_concurrency = active_concurrency + (SELECT count(*) FROM a),
+                updated_at_ms = $3
+         WHERE quota_policy_id = $1",
+        &[quota_policy_id.into(), execution_id.into(), now.into(), part.into()],
+    )?;
+    Ok(true)
+}
+
+/// Gives back the concurrency slot an execution holds, if any.
+pub fn release(c: &mut SpiClient<'_>, quota_policy_id: &str, execution_id: &str, now: i64) -> FfResult<()> {
+    exec(
+        c,
+        "WITH gone AS (
+             DELETE FROM ff_quota_admitted WHERE quota_policy_id = $1 AND execution_id = $2 RETURNING 1)
+         UPDATE ff_quota_policy SET active_concurrency = greatest(0, active_concurrency - 1), updated_at_ms = $3
+         WHERE quota_policy_id = $1 AND EXISTS (SELECT 1 FROM gone)",
+        &[quota_policy_id.into(), execution_id.into(), now.into()],
+    )?;
+    Ok(())
 }
 
 /// Creates a quota policy (0 = unlimited). Idempotent: 'created' or

@@ -2,6 +2,7 @@
 //! rolled back afterwards, and talks to the extension through SQL only.
 
 mod budget;
+mod claim;
 mod schema;
 
 use pgrx::prelude::*;
@@ -16,9 +17,16 @@ pub fn sqlstate_of(sql: &str) -> Option<String> {
     }
 }
 
-/// One value from a query.
+/// The first column of the first row of a query; `None` for no row or NULL.
 pub fn one<T: FromDatum + IntoDatum>(sql: &str) -> Option<T> {
-    Spi::get_one::<T>(sql).expect("query failed")
+    Spi::connect_mut(|c| {
+        let t = c.update(sql, None, &[]).expect("query failed");
+        if t.is_empty() {
+            None
+        } else {
+            t.first().get::<T>(1).expect("column 1")
+        }
+    })
 }
 
 /// Asserts that `sql` fails with SQLSTATE `code` (as `ERRCODE_...` name).
