@@ -1,0 +1,120 @@
+"""The claim pipeline under real concurrency: several worker connections."""
+import threading
+
+import psycopg
+import pytest
+
+from test_budget_client import run_parallel
+
+
+def create_many(conn, lane, n, **kw):
+    extra = "".join(f", {k} => %({k})s" for k in kw)
+    conn.execute(f"SELECT ff_create_execution(%(lane)s{extra}) FROM generate_series(1, %(n)s)",
+                 dict(lane=lane, n=n, **kw))
+
+
+def test_concurrent_workers_claim_each_execution_exactly_once(cluster, db):
+    total, workers = 400, 8
+    with cluster.connect(db) as c:
+        create_many(c, "jobs", total)
+    claimed, lock = [], threading.Lock()
+
+    def worker(i):
+        with cluster.connect(db) as c:
+            while True:
+                row = c.execute("SELECT execution_id, grant_key FROM ff_claim_for_worker('jobs', %s, %s)",
+                                (f"w{i}", f"w{i}-1")).fetchone()
+                if row is None:
+                    return
+                c.execute("SELECT ff_complete_execution(%s, %s)", row)
+                with lock:
+                    claimed.append(row[0])
+
+    run_parallel(workers, worker)
+    assert len(claimed) == total
+    assert len(set(claimed)) == total
+    with cluster.connect(db) as c:
+        assert c.execute("SELECT count(*) FROM ff_exec_core WHERE public_state = 'completed'").fetchone()[0] == total
+        assert c.execute("SELECT count(*) FROM ff_completion_event WHERE outcome = 'success'").fetchone()[0] == total
+        assert c.execute("SELECT count(*) FROM ff_attempt").fetchone()[0] == total
+
+
+def test_claims_held_open_never_overlap(cluster, db):
+    """Workers keep their claim transactions open while others claim."""
+    with cluster.connect(db) as c:
+        create_many(c, "hold", 20)
+    results, lock = [], threading.Lock()
+    barrier = threading.Barrier(10)
+
+    def worker(i):
+        with cluster.connect(db, autocommit=False) as c:
+            rows = [c.execute("SELECT execution_id FROM ff_claim_for_worker('hold', %s, 'i')", (f"w{i}",)).fetchone()
+                    for _ in range(3)]
+            barrier.wait()
+            c.commit()
+            with lock:
+                results.extend(r[0] for r in rows if r)
+
+    run_parallel(10, worker)
+    assert len(results) == 20 and len(set(results)) == 20
+
+
+def test_rolled_back_claim_stays_claimable(cluster, db):
+    with cluster.connect(db) as c:
+        eid = c.execute("SELECT ff_create_execution('rb')").fetchone()[0]
+    with cluster.connect(db, autocommit=False) as c:
+        assert c.execute("SELECT execution_id FROM ff_claim_for_worker('rb', 'w', 'i')").fetchone()[0] == eid
+        c.rollback()
+    with cluster.connect(db) as c:
+        assert c.execute("SELECT public_state FROM ff_exec_core").fetchone()[0] == "waiting"
+        assert c.execute("SELECT count(*) FROM ff_claim_grant").fetchone()[0] == 0
+        assert c.execute("SELECT execution_id FROM ff_claim_for_worker('rb', 'w', 'i')").fetchone()[0] == eid
+
+
+def test_quota_concurrency_cap_holds_under_parallel_claims(cluster, db):
+    with cluster.connect(db) as c:
+        c.execute("SELECT ff_create_quota_policy('cap3', 60, 0, 3)")
+        create_many(c, "q", 30, quota_policy_id="cap3")
+    got, lock = [], threading.Lock()
+
+    def worker(i):
+        with cluster.connect(db) as c:
+            for _ in range(5):
+                row = c.execute("SELECT execution_id FROM ff_claim_for_worker('q', %s, 'i')", (f"w{i}",)).fetchone()
+                if row:
+                    with lock:
+                        got.append(row[0])
+
+    run_parallel(8, worker)
+    assert len(got) == 3
+    with cluster.connect(db) as c:
+        assert c.execute("SELECT active_concurrency FROM ff_quota_policy").fetchone()[0] == 3
+
+
+def test_claim_and_own_writes_commit_together(cluster, db):
+    """A worker claims, records usage and completes in one transaction."""
+    with cluster.connect(db) as c:
+        c.execute("SELECT ff_create_budget('b', '{tokens}', '{100}', '{0}')")
+        c.execute("SELECT ff_create_execution('tx', budget_ids => '{b}')")
+        c.execute("CREATE TABLE app_log (execution_id text)")
+    with cluster.connect(db, autocommit=False) as c:
+        eid, grant = c.execute("SELECT execution_id, grant_key FROM ff_claim_for_worker('tx', 'w', 'i')").fetchone()
+        c.execute("SELECT * FROM ff_record_spend('b', %s, '{\"tokens\": 30}', 'spend-1')", (eid,))
+        c.execute("INSERT INTO app_log VALUES (%s)", (eid,))
+        c.execute("SELECT ff_complete_execution(%s, %s, '{\"ok\": true}')", (eid, grant))
+        c.commit()
+        assert c.execute("SELECT count(*) FROM app_log").fetchone()[0] == 1
+        assert c.execute("SELECT result->>'ok' FROM ff_exec_core").fetchone()[0] == "true"
+
+
+def test_stale_grant_after_reclaim_is_refused(cluster, db):
+    with cluster.connect(db) as c:
+        eid = c.execute("SELECT ff_create_execution('st', max_attempts => 3)").fetchone()[0]
+        _, g1 = c.execute("SELECT execution_id, grant_key FROM ff_claim_for_worker('st', 'w1', 'i')").fetchone()
+        c.execute("SELECT ff_fail_execution(%s, %s, 'transient')", (eid, g1))
+        c.execute("UPDATE ff_exec_core SET eligible_at_ms = 0")
+        _, g2 = c.execute("SELECT execution_id, grant_key FROM ff_claim_for_worker('st', 'w2', 'i')").fetchone()
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
+            c.execute("SELECT ff_complete_execution(%s, %s)", (eid, g1))
+        c.execute("SELECT ff_complete_execution(%s, %s)", (eid, g2))
+        assert c.execute("SELECT current_worker_id, attempt_index FROM ff_exec_core").fetchone() == ("w2", 2)
