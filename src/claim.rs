@@ -4,8 +4,9 @@
 use crate::budget::first_exhausted_budget;
 use crate::crypto::{grant_id, parse_grant_key, signature_matches, Grant};
 use crate::db::{col, col_req, exec, first_row, now_ms, with_spi};
+use crate::dispatch::cascade;
 use crate::error::{required, FfError, FfResult, OrRaise};
-use crate::exec::{from_pg_uuid, normalize_capabilities, notify_lane, pg_uuid, record_completion};
+use crate::exec::{end_attempt, from_pg_uuid, make_terminal, normalize_capabilities, pg_uuid, schedule_retry};
 use crate::ids::{check_text_id, clip, ExecutionId};
 use crate::keystore::{active_key, verification_secret, KidRefusal};
 use crate::quota;
@@ -266,61 +267,13 @@ pub fn renew_lease(id: &ExecutionId, grant_key: &str, ttl_ms: i64) -> FfResult<i
     })
 }
 
-/// Ends the running attempt and frees what the lease held (quota slot,
-/// grant rows). Shared by every way an execution leaves `active`.
-pub fn end_attempt(
-    c: &mut SpiClient<'_>,
-    uuid: &uuid::Uuid,
-    attempt_index: i32,
-    quota_policy_id: Option<&str>,
-    partition: i16,
-    outcome: &str,
-    error: Option<&str>,
-    now: i64,
-) -> FfResult<()> {
-    exec(
-        c,
-        "WITH g AS (DELETE FROM ff_claim_grant WHERE execution_id = $1)
-         UPDATE ff_attempt SET outcome = $3, error = $4, terminal_at_ms = $5, lease_expires_at_ms = NULL
-         WHERE execution_id = $1 AND attempt_index = $2",
-        &[pg_uuid(uuid).into(), attempt_index.into(), outcome.into(), error.into(), now.into()],
-    )?;
-    if let Some(q) = quota_policy_id {
-        quota::release(c, q, &ExecutionId { partition, uuid: *uuid }.to_string(), now)?;
-    }
-    Ok(())
-}
-
-/// Makes an execution terminal with `outcome` and writes its completion
-/// event; returns the event id.
-pub fn make_terminal(
-    c: &mut SpiClient<'_>,
-    uuid: &uuid::Uuid,
-    outcome: &str,
-    public_state: &str,
-    result: Option<serde_json::Value>,
-    error: Option<&str>,
-    now: i64,
-) -> FfResult<i64> {
-    exec(
-        c,
-        "UPDATE ff_exec_core SET lifecycle_phase = 'terminal', ownership_state = 'unowned',
-             eligibility_state = 'not_applicable', attempt_state = 'attempt_terminal',
-             public_state = $3, terminal_outcome = $2, result = coalesce($4, result),
-             last_error = coalesce($5, last_error), terminal_at_ms = $6, lease_expires_at_ms = NULL,
-             current_grant_id = NULL
-         WHERE execution_id = $1",
-        &[pg_uuid(uuid).into(), outcome.into(), public_state.into(), result.map(JsonB).into(), error.into(), now.into()],
-    )?;
-    record_completion(c, uuid, outcome, now)
-}
-
 pub fn complete(id: &ExecutionId, grant_key: &str, result: Option<serde_json::Value>) -> FfResult<()> {
     with_spi(|c| {
         let now = now_ms();
         let lease = fence(c, id, grant_key, now)?;
         end_attempt(c, &id.uuid, lease.attempt_index, lease.quota_policy_id.as_deref(), id.partition, "success", None, now)?;
-        make_terminal(c, &id.uuid, "success", "completed", result, None, now)?;
+        let event = make_terminal(c, &id.uuid, "success", "completed", result, None, now)?;
+        cascade(c, event)?;
         Ok(())
     })
 }
@@ -336,25 +289,11 @@ pub fn fail(id: &ExecutionId, grant_key: &str, error: &str, retryable: bool) -> 
             schedule_retry(c, &id.uuid, error, now + retry_backoff_ms(lease.attempt_index), &lease.lane_id)?;
             Ok("retry_scheduled")
         } else {
-            make_terminal(c, &id.uuid, "failed", "failed", None, Some(error), now)?;
+            let event = make_terminal(c, &id.uuid, "failed", "failed", None, Some(error), now)?;
+            cascade(c, event)?;
             Ok("failed")
         }
     })
-}
-
-/// Puts an execution back in the queue, claimable from `eligible_at_ms`.
-pub fn schedule_retry(c: &mut SpiClient<'_>, uuid: &uuid::Uuid, error: &str, eligible_at_ms: i64, lane_id: &str) -> FfResult<()> {
-    exec(
-        c,
-        "UPDATE ff_exec_core SET lifecycle_phase = 'runnable', ownership_state = 'unowned',
-             eligibility_state = 'not_eligible_until_time', public_state = 'delayed',
-             attempt_state = 'pending_retry_attempt', eligible_at_ms = $3, last_error = $2,
-             lease_expires_at_ms = NULL, current_worker_id = NULL, current_worker_instance_id = NULL,
-             current_grant_id = NULL
-         WHERE execution_id = $1",
-        &[pg_uuid(uuid).into(), error.into(), eligible_at_ms.into()],
-    )?;
-    notify_lane(c, lane_id)
 }
 
 // ---------------------------------------------------------------------------

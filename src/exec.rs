@@ -12,6 +12,7 @@ use crate::budget::load_partition_config;
 use crate::db::{col_req, exec, first_row, now_ms, with_spi};
 use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::ids::{check_text_id, clip, ExecutionId};
+use crate::quota;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
@@ -184,6 +185,105 @@ pub fn record_completion(c: &mut SpiClient<'_>, execution: &uuid::Uuid, outcome:
     )?;
     let row = first_row(t).ok_or_else(|| FfError::internal("completion event for a missing execution"))?;
     col_req(&row, 1)
+}
+
+/// Ends the running attempt and frees what the lease held (quota slot,
+/// grant rows). Shared by every way an execution leaves `active`.
+pub fn end_attempt(
+    c: &mut SpiClient<'_>,
+    uuid: &uuid::Uuid,
+    attempt_index: i32,
+    quota_policy_id: Option<&str>,
+    partition: i16,
+    outcome: &str,
+    error: Option<&str>,
+    now: i64,
+) -> FfResult<()> {
+    exec(
+        c,
+        "WITH g AS (DELETE FROM ff_claim_grant WHERE execution_id = $1)
+         UPDATE ff_attempt SET outcome = $3, error = $4, terminal_at_ms = $5, lease_expires_at_ms = NULL
+         WHERE execution_id = $1 AND attempt_index = $2",
+        &[pg_uuid(uuid).into(), attempt_index.into(), outcome.into(), error.into(), now.into()],
+    )?;
+    if let Some(q) = quota_policy_id {
+        quota::release(c, q, &ExecutionId { partition, uuid: *uuid }.to_string(), now)?;
+    }
+    Ok(())
+}
+
+/// Makes an execution terminal with `outcome` and writes its completion
+/// event; returns the event id.
+pub fn make_terminal(
+    c: &mut SpiClient<'_>,
+    uuid: &uuid::Uuid,
+    outcome: &str,
+    public_state: &str,
+    result: Option<serde_json::Value>,
+    error: Option<&str>,
+    now: i64,
+) -> FfResult<i64> {
+    exec(
+        c,
+        "UPDATE ff_exec_core SET lifecycle_phase = 'terminal', ownership_state = 'unowned',
+             eligibility_state = 'not_applicable', attempt_state = 'attempt_terminal',
+             public_state = $3, terminal_outcome = $2, result = coalesce($4, result),
+             last_error = coalesce($5, last_error), terminal_at_ms = $6, lease_expires_at_ms = NULL,
+             current_grant_id = NULL
+         WHERE execution_id = $1",
+        &[pg_uuid(uuid).into(), outcome.into(), public_state.into(), result.map(JsonB).into(), error.into(), now.into()],
+    )?;
+    record_completion(c, uuid, outcome, now)
+}
+
+/// Puts an execution back in the queue, claimable from `eligible_at_ms`.
+pub fn schedule_retry(c: &mut SpiClient<'_>, uuid: &uuid::Uuid, error: &str, eligible_at_ms: i64, lane_id: &str) -> FfResult<()> {
+    exec(
+        c,
+        "UPDATE ff_exec_core SET lifecycle_phase = 'runnable', ownership_state = 'unowned',
+             eligibility_state = 'not_eligible_until_time', public_state = 'delayed',
+             attempt_state = 'pending_retry_attempt', eligible_at_ms = $3, last_error = $2,
+             lease_expires_at_ms = NULL, current_worker_id = NULL, current_worker_instance_id = NULL,
+             current_grant_id = NULL
+         WHERE execution_id = $1",
+        &[pg_uuid(uuid).into(), error.into(), eligible_at_ms.into()],
+    )?;
+    notify_lane(c, lane_id)
+}
+
+/// Ends a non-terminal execution with `outcome` whatever it was doing,
+/// ending its attempt if it was claimed. Returns the completion event, or
+/// `None` when it was already terminal (or, with `skip_locked`, locked by a
+/// transaction that is about to settle it).
+pub fn terminate(
+    c: &mut SpiClient<'_>,
+    uuid: &uuid::Uuid,
+    outcome: &str,
+    public_state: &str,
+    reason: Option<&str>,
+    skip_locked: bool,
+    now: i64,
+) -> FfResult<Option<i64>> {
+    let sql = if skip_locked {
+        "SELECT lifecycle_phase, attempt_index, quota_policy_id, partition_key FROM ff_exec_core
+         WHERE execution_id = $1 FOR NO KEY UPDATE SKIP LOCKED"
+    } else {
+        "SELECT lifecycle_phase, attempt_index, quota_policy_id, partition_key FROM ff_exec_core
+         WHERE execution_id = $1 FOR NO KEY UPDATE"
+    };
+    let t = exec(c, sql, &[pg_uuid(uuid).into()])?;
+    let Some(row) = first_row(t) else { return Ok(None) };
+    let phase: String = col_req(&row, 1)?;
+    if phase == "terminal" {
+        return Ok(None);
+    }
+    if phase == "active" {
+        let attempt: i32 = col_req(&row, 2)?;
+        let quota: Option<String> = crate::db::col(&row, 3)?;
+        end_attempt(c, uuid, attempt, quota.as_deref(), col_req(&row, 4)?, outcome, reason, now)?;
+    }
+    exec(c, "UPDATE ff_exec_core SET cancellation_reason = $2 WHERE execution_id = $1", &[pg_uuid(uuid).into(), reason.into()])?;
+    make_terminal(c, uuid, outcome, public_state, None, None, now).map(Some)
 }
 
 /// Creates an execution on `lane_id`, claimable at once (or at

@@ -3,6 +3,7 @@
 
 mod budget;
 mod claim;
+mod flow;
 mod schema;
 
 use pgrx::prelude::*;
