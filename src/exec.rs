@@ -329,6 +329,37 @@ fn ff_create_execution(
     .or_raise()
 }
 
+pub fn execution_info(id: &ExecutionId) -> FfResult<serde_json::Value> {
+    with_spi(|c| {
+        let t = exec(
+            c,
+            "SELECT jsonb_build_object(
+                 'execution_id', $3::text, 'lane_id', lane_id, 'flow_id', flow_id, 'namespace', namespace,
+                 'priority', priority, 'required_capabilities', required_capabilities, 'budget_ids', budget_ids,
+                 'quota_policy_id', quota_policy_id, 'lifecycle_phase', lifecycle_phase,
+                 'ownership_state', ownership_state, 'eligibility_state', eligibility_state,
+                 'public_state', public_state, 'attempt_state', attempt_state,
+                 'terminal_outcome', terminal_outcome, 'attempt_index', attempt_index,
+                 'max_attempts', max_attempts, 'payload', payload, 'result', result, 'last_error', last_error,
+                 'cancellation_reason', cancellation_reason, 'worker_id', current_worker_id,
+                 'lease_expires_at_ms', lease_expires_at_ms, 'eligible_at_ms', eligible_at_ms,
+                 'created_at_ms', created_at_ms, 'started_at_ms', started_at_ms, 'terminal_at_ms', terminal_at_ms)
+             FROM ff_exec_core WHERE execution_id = $1 AND partition_key = $2",
+            &[pg_uuid(&id.uuid).into(), id.partition.into(), id.to_string().into()],
+        )?;
+        let row = first_row(t).ok_or_else(|| FfError::not_found(format!("execution {id} does not exist")))?;
+        Ok(col_req::<JsonB>(&row, 1)?.0)
+    })
+}
+
+/// State, payload, result and lease of one execution as jsonb (what a
+/// worker reads after a claim). Unknown execution: P0002.
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(@extschema@, pg_temp)]
+fn ff_get_execution(execution_id: Option<String>) -> JsonB {
+    JsonB((|| execution_info(&ExecutionId::parse(&required(execution_id, "execution_id")?)?))().or_raise())
+}
+
 /// The NOTIFY channel announcing new eligible work on a lane (LISTEN on it).
 #[pg_extern(immutable, parallel_safe)]
 fn ff_lane_channel(lane_id: &str) -> String {

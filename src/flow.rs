@@ -113,8 +113,12 @@ fn closes_cycle(c: &mut SpiClient<'_>, flow: &Uuid, up: &Uuid, down: &Uuid) -> F
     let (mut fwd, mut back) = (vec![*down], vec![*up]);
     let mut seen_fwd: HashSet<[u8; 16]> = HashSet::from([*down.as_bytes()]);
     let mut seen_back: HashSet<[u8; 16]> = HashSet::from([*up.as_bytes()]);
+    let mut prefer_forward = true;
     while !fwd.is_empty() && !back.is_empty() {
-        let forward = fwd.len() <= back.len();
+        // Widen the smaller frontier; on a tie alternate, so a chain is
+        // walked from whichever end is shorter.
+        let forward = fwd.len() < back.len() || (fwd.len() == back.len() && prefer_forward);
+        prefer_forward = !prefer_forward;
         let (frontier, seen, other) =
             if forward { (&mut fwd, &mut seen_fwd, &seen_back) } else { (&mut back, &mut seen_back, &seen_fwd) };
         let sql = if forward {

@@ -7,24 +7,7 @@ import uuid
 import psycopg
 import pytest
 
-
-def run_parallel(n, fn):
-    errors = []
-    barrier = threading.Barrier(n)
-
-    def wrap(i):
-        try:
-            barrier.wait()
-            fn(i)
-        except Exception as e:  # surfaced below
-            errors.append(e)
-
-    threads = [threading.Thread(target=wrap, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+from ffhelp import run_parallel
 
 
 def usage(conn, budget, dim):

@@ -4,7 +4,7 @@ import threading
 import psycopg
 import pytest
 
-from test_budget_client import run_parallel
+from ffhelp import run_parallel
 
 
 def create_many(conn, lane, n, **kw):

@@ -1,0 +1,88 @@
+"""Helpers shared by the client tests: parallel runners, flow builders and
+a minimal worker loop, all through plain SQL."""
+import random
+import threading
+import uuid
+
+import psycopg
+
+
+def run_parallel(n, fn):
+    """Runs fn(0..n-1) in n threads released together; re-raises any error."""
+    errors = []
+    barrier = threading.Barrier(n)
+
+    def wrap(i):
+        try:
+            barrier.wait()
+            fn(i)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=wrap, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def build_flow(conn, lane, nodes, edges, policies=None, payloads=None):
+    """Creates a flow with `nodes` executions (random priorities, so claims
+    come in random order), stages and applies `edges` [(up, down)], in one
+    transaction. Returns (flow_id, [execution ids])."""
+    flow = uuid.uuid4()
+    payloads = payloads or {}
+    with conn.transaction():
+        conn.execute("SELECT ff_create_flow(%s)", (flow,))
+        ids = []
+        for i in range(nodes):
+            eid = conn.execute(
+                "SELECT ff_create_execution(%s, flow_id => %s, priority => %s, payload => %s)",
+                (lane, flow, random.randint(0, 1000), psycopg.types.json.Jsonb(payloads.get(i, {}))),
+            ).fetchone()[0]
+            conn.execute("SELECT ff_add_execution_to_flow(%s, %s)", (flow, eid))
+            ids.append(eid)
+        for node, policy in (policies or {}).items():
+            conn.execute("SELECT ff_set_edge_group_policy(%s, %s, %s)", (flow, ids[node], psycopg.types.json.Jsonb(policy)))
+        rev = nodes
+        for up, down in edges:
+            edge = uuid.uuid4()
+            rev = conn.execute("SELECT ff_stage_dependency_edge(%s, %s, %s, %s, %s)",
+                               (flow, edge, ids[up], ids[down], rev)).fetchone()[0]
+            conn.execute("SELECT ff_apply_dependency_to_child(%s, %s, %s)", (flow, edge, ids[down]))
+    return flow, ids
+
+
+def work(dsn, lane, stop, worker_id="w"):
+    """Claims and finishes executions of `lane` until stop() says so. The
+    payload decides: {"fail": true} fails for good, otherwise completes. A
+    lease lost to a cancellation (55000) is simply dropped."""
+    done = []
+    with psycopg.connect(dsn, autocommit=True) as c:
+        while not stop():
+            row = c.execute("SELECT execution_id, grant_key FROM ff_claim_for_worker(%s, %s, %s)",
+                            (lane, worker_id, worker_id + "-1")).fetchone()
+            if row is None:
+                continue
+            eid, grant = row
+            payload = c.execute("SELECT ff_get_execution(%s) -> 'payload'", (eid,)).fetchone()[0] or {}
+            try:
+                if payload.get("fail"):
+                    c.execute("SELECT ff_fail_execution(%s, %s, 'planned failure', false)", (eid, grant))
+                else:
+                    c.execute("SELECT ff_complete_execution(%s, %s, %s)",
+                              (eid, grant, psycopg.types.json.Jsonb({"by": worker_id})))
+                done.append(eid)
+            except psycopg.errors.ObjectNotInPrerequisiteState:
+                pass
+    return done
+
+
+def states(conn, flow):
+    return dict(conn.execute(
+        "SELECT x.execution_id::text, x.public_state FROM ff_exec_core x WHERE x.flow_id = %s", (flow,)).fetchall())
+
+
+def state_of(conn, eid):
+    return conn.execute("SELECT ff_get_execution(%s) ->> 'public_state'", (eid,)).fetchone()[0]
