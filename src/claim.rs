@@ -6,7 +6,7 @@ use crate::crypto::{grant_id, parse_grant_key, signature_matches, Grant};
 use crate::db::{col, col_req, exec, first_row, now_ms, with_spi};
 use crate::dispatch::cascade;
 use crate::error::{required, FfError, FfResult, OrRaise};
-use crate::exec::{end_attempt, from_pg_uuid, make_terminal, normalize_capabilities, pg_uuid, schedule_retry};
+use crate::exec::{end_attempt, from_pg_uuid, make_terminal, normalize_capabilities, pg_uuid, requeue};
 use crate::ids::{check_text_id, clip, ExecutionId};
 use crate::keystore::{active_key, verification_secret, KidRefusal};
 use crate::quota;
@@ -193,7 +193,6 @@ pub fn verify_grant(key: &str) -> FfResult<&'static str> {
 
 /// The execution as a lease holder sees it, locked for the change that follows.
 struct Leased {
-    lane_id: String,
     quota_policy_id: Option<String>,
     attempt_index: i32,
     max_attempts: i32,
@@ -216,7 +215,7 @@ fn fence(c: &mut SpiClient<'_>, id: &ExecutionId, grant_key: &str, now: i64) -> 
     let t = exec(
         c,
         "SELECT lifecycle_phase, current_grant_id, current_worker_id, current_worker_instance_id,
-                lease_expires_at_ms, lane_id, quota_policy_id, attempt_index, max_attempts
+                lease_expires_at_ms, quota_policy_id, attempt_index, max_attempts
          FROM ff_exec_core WHERE execution_id = $1 AND partition_key = $2 FOR NO KEY UPDATE",
         &[pg_uuid(&id.uuid).into(), id.partition.into()],
     )?;
@@ -241,12 +240,7 @@ fn fence(c: &mut SpiClient<'_>, id: &ExecutionId, grant_key: &str, now: i64) -> 
     if lease_expires <= now {
         return Err(FfError::wrong_state(format!("lease of execution {id} expired at {lease_expires}")));
     }
-    Ok(Leased {
-        lane_id: col_req(&row, 6)?,
-        quota_policy_id: col(&row, 7)?,
-        attempt_index: col_req(&row, 8)?,
-        max_attempts: col_req(&row, 9)?,
-    })
+    Ok(Leased { quota_policy_id: col(&row, 6)?, attempt_index: col_req(&row, 7)?, max_attempts: col_req(&row, 8)? })
 }
 
 pub fn renew_lease(id: &ExecutionId, grant_key: &str, ttl_ms: i64) -> FfResult<i64> {
@@ -286,7 +280,7 @@ pub fn fail(id: &ExecutionId, grant_key: &str, error: &str, retryable: bool) -> 
         let lease = fence(c, id, grant_key, now)?;
         end_attempt(c, &id.uuid, lease.attempt_index, lease.quota_policy_id.as_deref(), id.partition, "failed", Some(error), now)?;
         if retryable && lease.attempt_index < lease.max_attempts {
-            schedule_retry(c, &id.uuid, error, now + retry_backoff_ms(lease.attempt_index), &lease.lane_id)?;
+            requeue(c, &id.uuid, error, now + retry_backoff_ms(lease.attempt_index), now)?;
             Ok("retry_scheduled")
         } else {
             let event = make_terminal(c, &id.uuid, "failed", "failed", None, Some(error), now)?;

@@ -236,19 +236,27 @@ pub fn make_terminal(
     record_completion(c, uuid, outcome, now)
 }
 
-/// Puts an execution back in the queue, claimable from `eligible_at_ms`.
-pub fn schedule_retry(c: &mut SpiClient<'_>, uuid: &uuid::Uuid, error: &str, eligible_at_ms: i64, lane_id: &str) -> FfResult<()> {
-    exec(
+/// Puts an execution back in the queue, claimable from `eligible_at_ms`
+/// (delayed until then); its lane is notified when it is claimable now,
+/// otherwise delayed promotion notifies when the time comes.
+pub fn requeue(c: &mut SpiClient<'_>, uuid: &uuid::Uuid, error: &str, eligible_at_ms: i64, now: i64) -> FfResult<()> {
+    let t = exec(
         c,
         "UPDATE ff_exec_core SET lifecycle_phase = 'runnable', ownership_state = 'unowned',
-             eligibility_state = 'not_eligible_until_time', public_state = 'delayed',
+             eligibility_state = CASE WHEN $3 > $4 THEN 'not_eligible_until_time' ELSE 'eligible_now' END,
+             public_state = CASE WHEN $3 > $4 THEN 'delayed' ELSE 'waiting' END,
              attempt_state = 'pending_retry_attempt', eligible_at_ms = $3, last_error = $2,
              lease_expires_at_ms = NULL, current_worker_id = NULL, current_worker_instance_id = NULL,
              current_grant_id = NULL
-         WHERE execution_id = $1",
-        &[pg_uuid(uuid).into(), error.into(), eligible_at_ms.into()],
+         WHERE execution_id = $1
+         RETURNING lane_id",
+        &[pg_uuid(uuid).into(), error.into(), eligible_at_ms.into(), now.into()],
     )?;
-    notify_lane(c, lane_id)
+    let lane: Option<String> = first_row(t).map(|r| col_req(&r, 1)).transpose()?;
+    match lane {
+        Some(lane) if eligible_at_ms <= now => notify_lane(c, &lane),
+        _ => Ok(()),
+    }
 }
 
 /// Ends a non-terminal execution with `outcome` whatever it was doing,

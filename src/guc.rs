@@ -1,12 +1,27 @@
 //! Server settings (GUCs), all under the `flowfabric.` prefix.
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
 
 /// How long a retired HMAC kid keeps verifying grants.
 pub static KEY_GRACE_MS: GucSetting<i32> = GucSetting::<i32>::new(86_400_000);
+/// Whether the background worker runs reconciler passes.
+pub static ENABLE_RECONCILER: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// Pause between two passes of the background worker.
+pub static RECONCILER_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
+/// Comma-separated databases the background worker serves.
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 
 pub fn key_grace_ms() -> i64 {
     i64::from(KEY_GRACE_MS.get())
+}
+
+/// Databases listed in `flowfabric.database`, trimmed, without empties.
+pub fn databases() -> Vec<String> {
+    DATABASE
+        .get()
+        .map(|s| s.to_string_lossy().split(',').map(|d| d.trim().to_string()).filter(|d| !d.is_empty()).collect())
+        .unwrap_or_default()
 }
 
 pub fn register() {
@@ -19,5 +34,36 @@ pub fn register() {
         i32::MAX,
         GucContext::Suset,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_bool_guc(
+        c"flowfabric.enable_reconciler",
+        c"Whether the flowfabric background worker runs reconciler passes.",
+        c"Takes effect on reload (SIGHUP). The worker keeps running and idles while off.",
+        &ENABLE_RECONCILER,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"flowfabric.reconciler_interval_ms",
+        c"Pause between two reconciler passes of the background worker, in milliseconds.",
+        c"Takes effect on reload (SIGHUP).",
+        &RECONCILER_INTERVAL_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    // A server-start setting can only be defined while shared_preload_libraries
+    // load (PostgreSQL refuses it later); it only matters to the worker anyway.
+    if !unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    GucRegistry::define_string_guc(
+        c"flowfabric.database",
+        c"Comma-separated databases in which the flowfabric background worker runs reconcilers.",
+        c"Read at server start; one worker per database. Databases without the extension are skipped.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
     );
 }

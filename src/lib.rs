@@ -5,6 +5,7 @@
 
 use pgrx::prelude::*;
 
+pub mod bgworker;
 pub mod budget;
 pub mod claim;
 pub mod crypto;
@@ -17,6 +18,7 @@ pub mod guc;
 pub mod ids;
 pub mod keystore;
 pub mod quota;
+pub mod reconcile;
 
 #[cfg(any(test, feature = "pg_test"))]
 mod pg_tests;
@@ -27,11 +29,13 @@ extension_sql_file!("../sql/config.sql", name = "config", bootstrap);
 extension_sql_file!("../sql/budget.sql", name = "budget_schema", requires = ["config"]);
 extension_sql_file!("../sql/exec.sql", name = "exec_schema", requires = ["config"]);
 extension_sql_file!("../sql/flow.sql", name = "flow_schema", requires = ["exec_schema"]);
+extension_sql_file!("../sql/ops.sql", name = "ops_schema", requires = ["flow_schema", "budget_schema"]);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guc::register();
+    bgworker::register();
 }
 
 /// Hooks for `cargo pgrx test`.

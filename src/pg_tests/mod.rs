@@ -4,6 +4,7 @@
 mod budget;
 mod claim;
 mod flow;
+mod reconcile;
 mod schema;
 
 use pgrx::prelude::*;

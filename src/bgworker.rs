@@ -1,0 +1,96 @@
+//! The background worker: one per database in `flowfabric.database`, each
+//! running `ff_run_reconcilers()` every `flowfabric.reconciler_interval_ms`
+//! in its own transaction. Errors are logged and recorded in
+//! `ff_reconciler_status`; the worker goes on.
+
+use crate::db::in_subtransaction;
+use crate::guc;
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use std::time::Duration;
+
+/// Registers the workers; only possible while shared_preload_libraries load.
+pub fn register() {
+    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    for db in guc::databases() {
+        BackgroundWorkerBuilder::new(&format!("flowfabric reconciler [{db}]"))
+            .set_type("flowfabric reconciler")
+            .set_library("flowfabric")
+            .set_function("ff_reconciler_main")
+            .set_extra(&db)
+            .enable_spi_access()
+            .set_start_time(BgWorkerStartTime::RecoveryFinished)
+            .set_restart_time(Some(Duration::from_secs(10)))
+            .load();
+    }
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn ff_reconciler_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let db = BackgroundWorker::get_extra().to_string();
+    BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    log!("flowfabric reconciler started in database \"{db}\"");
+    loop {
+        let interval = Duration::from_millis(guc::RECONCILER_INTERVAL_MS.get().max(10) as u64);
+        if !BackgroundWorker::wait_latch(Some(interval)) {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: the documented way for a worker to apply a reload.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        if guc::ENABLE_RECONCILER.get() {
+            BackgroundWorker::transaction(one_pass);
+        }
+    }
+    log!("flowfabric reconciler in database \"{db}\" stopping");
+}
+
+/// The schema holding the extension in this database, if it is installed.
+fn extension_schema() -> Option<String> {
+    Spi::get_one::<String>(
+        "SELECT n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+         WHERE e.extname = 'flowfabric'",
+    )
+    .ok()
+    .flatten()
+}
+
+fn one_pass() {
+    let Some(schema) = extension_schema() else { return };
+    let schema = spi::quote_identifier(&schema);
+    let pass = in_subtransaction(|| Spi::get_one::<JsonB>(&format!("SELECT {schema}.ff_run_reconcilers()")));
+    let (counts, error) = match pass {
+        Ok(Ok(counts)) => (counts.map(|j| j.0), None),
+        Ok(Err(e)) => (None, Some(e.to_string())),
+        Err(report) => (None, Some(report.message().to_string())),
+    };
+    if let Some(e) = &error {
+        warning!("flowfabric reconciler pass failed: {e}");
+    }
+    record_status(&schema, counts, error);
+}
+
+fn record_status(schema: &str, counts: Option<serde_json::Value>, error: Option<String>) {
+    let sql = format!(
+        "INSERT INTO {schema}.ff_reconciler_status AS s (runner, pid, last_pass_at_ms, passes, last_counts,
+             last_error, last_error_at_ms, errors)
+         VALUES ('bgworker', pg_backend_pid(), (extract(epoch FROM clock_timestamp()) * 1000)::bigint, 1, $1,
+                 $2, CASE WHEN $2 IS NULL THEN NULL ELSE (extract(epoch FROM clock_timestamp()) * 1000)::bigint END,
+                 CASE WHEN $2 IS NULL THEN 0 ELSE 1 END)
+         ON CONFLICT (runner) DO UPDATE SET pid = EXCLUDED.pid, last_pass_at_ms = EXCLUDED.last_pass_at_ms,
+             passes = s.passes + 1, last_counts = coalesce(EXCLUDED.last_counts, s.last_counts),
+             last_error = coalesce(EXCLUDED.last_error, s.last_error),
+             last_error_at_ms = coalesce(EXCLUDED.last_error_at_ms, s.last_error_at_ms),
+             errors = s.errors + EXCLUDED.errors"
+    );
+    let recorded = in_subtransaction(|| Spi::run_with_args(&sql, &[counts.map(JsonB).into(), error.into()]));
+    if !matches!(recorded, Ok(Ok(()))) {
+        warning!("flowfabric reconciler could not record its status");
+    }
+}
