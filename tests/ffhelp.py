@@ -86,3 +86,38 @@ def states(conn, flow):
 
 def state_of(conn, eid):
     return conn.execute("SELECT ff_get_execution(%s) ->> 'public_state'", (eid,)).fetchone()[0]
+
+
+def make_stale_work(conn, events=1, leases=1, lane="stale"):
+    """Leaves work only a reconciler can finish: `events` two-node flows
+    whose root ended with an undispatched completion event committed a
+    minute ago, and `leases` claims whose lease already expired. Returns
+    (downstream ids, leased ids)."""
+    downstreams, leased = [], []
+    with conn.transaction():
+        for _ in range(events):
+            flow, (a, b) = build_flow(conn, lane + "-flow", 2, [(0, 1)])
+            conn.execute("""
+                UPDATE ff_exec_core SET lifecycle_phase = 'terminal', eligibility_state = 'not_applicable',
+                    public_state = 'completed', terminal_outcome = 'success'
+                WHERE execution_id = split_part(%s, '}:', 2)::uuid""", (a,))
+            conn.execute("""
+                INSERT INTO ff_completion_event (partition_key, execution_id, flow_id, outcome, occurred_at_ms,
+                    committed_at_ms)
+                VALUES (0, split_part(%s, '}:', 2)::uuid, %s, 'success', 0,
+                        (extract(epoch FROM clock_timestamp()) * 1000)::bigint - 60000)""", (a, flow))
+            downstreams.append(b)
+        for _ in range(leases):
+            eid = conn.execute("SELECT ff_create_execution(%s, max_attempts => 2)", (lane,)).fetchone()[0]
+            got = conn.execute("SELECT execution_id FROM ff_claim_for_worker(%s, 'w', 'i', grant_ttl_ms => 1)",
+                               (lane,)).fetchone()[0]
+            assert got == eid
+            leased.append(eid)
+    return downstreams, leased
+
+
+def settled(conn, downstreams, leased):
+    """True when every downstream became claimable and every lease was reclaimed."""
+    ids = downstreams + leased
+    rows = conn.execute("SELECT ff_get_execution(id) ->> 'public_state' FROM unnest(%s::text[]) id", (ids,)).fetchall()
+    return all(r[0] == "waiting" for r in rows)
