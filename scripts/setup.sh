@@ -14,6 +14,8 @@ for p in postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang
          postgresql-$PG_MAJOR-cron postgresql-contrib python3-psycopg python3-pytest; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
+# The Node example worker needs node and npm; a machine may have them already.
+command -v node >/dev/null && command -v npm >/dev/null || need_pkgs+=(nodejs npm)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_pkgs[*]}"
   $SUDO apt-get update -q

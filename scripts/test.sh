@@ -14,3 +14,6 @@ chown postgres "$PGDATA_DIR"
 cargo pgrx test pg15 --runas postgres --pgdata "$PGDATA_DIR"
 
 bash tests/run_client_tests.sh
+
+# The README's demo command, end to end, asserting its outcome.
+bash scripts/demo.sh --check

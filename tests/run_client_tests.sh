@@ -7,4 +7,5 @@ export PGRX_HOME="$PWD/pgrx-config"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="--sudo"
 cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config $SUDO >/dev/null
+(cd examples/node && npm install --no-audit --no-fund --silent >/dev/null)
 /usr/bin/python3 -m pytest -q -p no:cacheprovider tests "$@"

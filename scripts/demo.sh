@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One command from a fresh clone to a running demo: installs what is
+# missing, builds and installs the extension (release), starts a private
+# PostgreSQL 15 cluster and runs examples/demo.py against it.
+#   scripts/demo.sh          run the demo, leave the cluster running
+#   scripts/demo.sh stop     stop the demo cluster
+#   scripts/demo.sh --check  run, assert the outcome, stop (used by the tests)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "${1:-}" = "stop" ]; then
+  exec /usr/bin/python3 examples/demo.py --stop
+fi
+bash scripts/setup.sh
+export PGRX_HOME="$PWD/pgrx-config"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="--sudo"
+cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config $SUDO >/dev/null
+(cd examples/node && npm install --no-audit --no-fund --silent >/dev/null)
+exec /usr/bin/python3 examples/demo.py "$@"
