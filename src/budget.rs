@@ -5,6 +5,7 @@
 use crate::db::{col, col_req, exec, first_row, now_ms, with_spi};
 use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::ids::{check_text_id, clip, ExecutionId, PartitionConfig};
+use crate::jsonb::RawJsonb;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
@@ -703,7 +704,7 @@ fn ff_create_budget(
 /// outcome rules. A repeated `dedup_key` replays the first outcome.
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(@extschema@, pg_temp)]
-fn ff_report_usage(budget_id: Option<String>, dimensions: Option<JsonB>, dedup_key: default!(Option<String>, "NULL")) -> TableIterator<
+fn ff_report_usage(budget_id: Option<String>, dimensions: Option<RawJsonb>, dedup_key: default!(Option<String>, "NULL")) -> TableIterator<
     'static,
     (
         name!(outcome, String),
@@ -714,7 +715,7 @@ fn ff_report_usage(budget_id: Option<String>, dimensions: Option<JsonB>, dedup_k
 > {
     outcome_table((|| {
         let budget_id = required(budget_id, "budget_id")?;
-        let deltas = parse_dimensions(&required(dimensions, "dimensions")?.0)?;
+        let deltas = parse_dimensions(&required(dimensions, "dimensions")?.to_value("dimensions")?)?;
         report_usage(&budget_id, &deltas, dedup_key.as_deref(), Replay::CachedOutcome, None)
     })())
 }
@@ -751,7 +752,7 @@ fn ff_report_usage_admin(
 fn ff_record_spend(
     budget_id: Option<String>,
     execution_id: Option<String>,
-    deltas: Option<JsonB>,
+    deltas: Option<RawJsonb>,
     idempotency_key: Option<String>,
 ) -> TableIterator<
     'static,
@@ -765,7 +766,7 @@ fn ff_record_spend(
     outcome_table((|| {
         let budget_id = required(budget_id, "budget_id")?;
         let exec_id = ExecutionId::parse(&required(execution_id, "execution_id")?)?;
-        let deltas = parse_dimensions(&required(deltas, "deltas")?.0)?;
+        let deltas = parse_dimensions(&required(deltas, "deltas")?.to_value("deltas")?)?;
         report_usage(&budget_id, &deltas, idempotency_key.as_deref(), Replay::AlreadyApplied, Some(&exec_id))
     })())
 }

@@ -8,11 +8,11 @@ use crate::dispatch::cascade;
 use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::exec::{end_attempt, from_pg_uuid, make_terminal, normalize_capabilities, pg_uuid, requeue};
 use crate::ids::{check_text_id, clip, ExecutionId};
+use crate::jsonb::RawJsonb;
 use crate::keystore::{active_key, verification_secret, KidRefusal};
 use crate::quota;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use pgrx::JsonB;
 
 pub const MAX_TTL_MS: i64 = 86_400_000;
 /// Candidates refused by budget or quota that one claim looks past before
@@ -261,7 +261,7 @@ pub fn renew_lease(id: &ExecutionId, grant_key: &str, ttl_ms: i64) -> FfResult<i
     })
 }
 
-pub fn complete(id: &ExecutionId, grant_key: &str, result: Option<serde_json::Value>) -> FfResult<()> {
+pub fn complete(id: &ExecutionId, grant_key: &str, result: Option<RawJsonb>) -> FfResult<()> {
     with_spi(|c| {
         let now = now_ms();
         let lease = fence(c, id, grant_key, now)?;
@@ -356,8 +356,8 @@ fn ff_renew_lease(execution_id: Option<String>, grant_key: Option<String>, ttl_m
 /// 'success' completion event in the same transaction.
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(@extschema@, pg_temp)]
-fn ff_complete_execution(execution_id: Option<String>, grant_key: Option<String>, result: default!(Option<JsonB>, "NULL")) {
-    (|| complete(&parse_exec(execution_id)?, &required(grant_key, "grant_key")?, result.map(|j| j.0)))().or_raise()
+fn ff_complete_execution(execution_id: Option<String>, grant_key: Option<String>, result: default!(Option<RawJsonb>, "NULL")) {
+    (|| complete(&parse_exec(execution_id)?, &required(grant_key, "grant_key")?, result))().or_raise()
 }
 
 /// Fails the running attempt. Retryable failures with attempts left return

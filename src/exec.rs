@@ -12,6 +12,7 @@ use crate::budget::load_partition_config;
 use crate::db::{col_req, exec, first_row, now_ms, with_spi};
 use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::ids::{check_text_id, clip, ExecutionId};
+use crate::jsonb::RawJsonb;
 use crate::quota;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -72,7 +73,7 @@ pub fn notify_lane(c: &mut SpiClient<'_>, lane_id: &str) -> FfResult<()> {
 #[derive(Debug, Clone)]
 pub struct NewExecution {
     pub lane_id: String,
-    pub payload: Option<serde_json::Value>,
+    pub payload: Option<RawJsonb>,
     pub priority: i32,
     pub required_capabilities: Vec<String>,
     pub budget_ids: Vec<String>,
@@ -140,7 +141,7 @@ pub fn create_execution(e: &NewExecution) -> FfResult<String> {
                 pg_uuid(&uuid).into(),
                 partition.into(),
                 e.lane_id.as_str().into(),
-                e.payload.clone().map(JsonB).into(),
+                e.payload.into(),
                 e.priority.into(),
                 e.required_capabilities.clone().into(),
                 e.budget_ids.clone().into(),
@@ -219,7 +220,7 @@ pub fn make_terminal(
     uuid: &uuid::Uuid,
     outcome: &str,
     public_state: &str,
-    result: Option<serde_json::Value>,
+    result: Option<RawJsonb>,
     error: Option<&str>,
     now: i64,
 ) -> FfResult<i64> {
@@ -231,7 +232,7 @@ pub fn make_terminal(
              last_error = coalesce($5, last_error), terminal_at_ms = $6, lease_expires_at_ms = NULL,
              current_grant_id = NULL
          WHERE execution_id = $1",
-        &[pg_uuid(uuid).into(), outcome.into(), public_state.into(), result.map(JsonB).into(), error.into(), now.into()],
+        &[pg_uuid(uuid).into(), outcome.into(), public_state.into(), result.into(), error.into(), now.into()],
     )?;
     record_completion(c, uuid, outcome, now)
 }
@@ -301,7 +302,7 @@ pub fn terminate(
 #[allow(clippy::too_many_arguments)]
 fn ff_create_execution(
     lane_id: Option<String>,
-    payload: default!(Option<JsonB>, "NULL"),
+    payload: default!(Option<RawJsonb>, "NULL"),
     priority: default!(Option<i32>, 0),
     required_capabilities: default!(Option<Vec<Option<String>>>, "'{}'"),
     budget_ids: default!(Option<Vec<Option<String>>>, "'{}'"),
@@ -318,7 +319,7 @@ fn ff_create_execution(
             .collect::<FfResult<Vec<_>>>()?;
         let e = NewExecution {
             lane_id: required(lane_id, "lane_id")?,
-            payload: payload.map(|j| j.0),
+            payload,
             priority: required(priority, "priority")?,
             required_capabilities: normalize_capabilities(
                 "required_capabilities",

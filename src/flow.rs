@@ -8,6 +8,7 @@ use crate::dispatch::{bucket, decide, drain, fire, Counts, GroupPolicy};
 use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::exec::{pg_uuid, terminate};
 use crate::ids::{check_text_id, clip, ExecutionId};
+use crate::jsonb::RawJsonb;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
@@ -445,9 +446,9 @@ fn ff_apply_dependency_to_child(
 /// any_of or quorum. Only before any of its edges is staged.
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(@extschema@, pg_temp)]
-fn ff_set_edge_group_policy(flow_id: Option<Uuid>, downstream_execution_id: Option<String>, policy: Option<JsonB>) -> &'static str {
+fn ff_set_edge_group_policy(flow_id: Option<Uuid>, downstream_execution_id: Option<String>, policy: Option<RawJsonb>) -> &'static str {
     (|| {
-        let policy = GroupPolicy::parse(&required(policy, "policy")?.0)?;
+        let policy = GroupPolicy::parse(&required(policy, "policy")?.to_value("policy")?)?;
         set_group_policy(&required(flow_id, "flow_id")?, &parse_exec(downstream_execution_id, "downstream_execution_id")?, policy)
     })()
     .or_raise()

@@ -16,6 +16,7 @@ pub mod exec;
 pub mod flow;
 pub mod guc;
 pub mod ids;
+pub mod jsonb;
 pub mod keystore;
 pub mod quota;
 pub mod reconcile;

@@ -231,3 +231,4 @@ mod tests {
         assert_eq!(rows, 0);
     }
 }
+

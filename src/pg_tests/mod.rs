@@ -4,6 +4,7 @@
 mod budget;
 mod claim;
 mod flow;
+mod json;
 mod reconcile;
 mod schema;
 
