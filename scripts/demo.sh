@@ -11,9 +11,6 @@ if [ "${1:-}" = "stop" ]; then
   exec /usr/bin/python3 examples/demo.py --stop
 fi
 bash scripts/setup.sh
-export PGRX_HOME="$PWD/pgrx-config"
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="--sudo"
-cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config $SUDO >/dev/null
+bash scripts/install.sh --release
 (cd examples/node && npm install --no-audit --no-fund --silent >/dev/null)
 exec /usr/bin/python3 examples/demo.py "$@"

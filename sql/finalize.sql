@@ -2,3 +2,75 @@
 
 -- One random active signing key, so claims work right after CREATE EXTENSION.
 SELECT ff_rotate_hmac_secret('ff-' || (extract(epoch FROM clock_timestamp()) * 1000)::bigint);
+UPDATE ff_waitpoint_hmac SET seeded = true;
+
+-- Engine state is data to pg_dump, not part of the extension's definition.
+-- One call per statement: each rewrites the extension's catalog row.
+SELECT pg_catalog.pg_extension_config_dump('ff_partition_config', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_waitpoint_hmac', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_exec_core', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_attempt', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_claim_grant', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_flow_core', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_edge', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_edge_group', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_completion_event', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_budget_policy', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_budget_usage', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_budget_usage_dedup', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_budget_usage_by_exec', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_quota_policy', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_quota_window', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_quota_admitted', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_reconciler_status', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_exec_core_queue_seq_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_completion_event_event_id_seq', '');
+
+-- flowfabric schema: roles and privileges.
+--
+-- flowfabric_worker may claim, renew, complete and fail executions, report
+-- usage, read an execution and verify grants. flowfabric_admin may call
+-- every function and read every table except the HMAC keystore. Neither
+-- role (nor PUBLIC) can write engine tables directly: the functions are
+-- SECURITY DEFINER with a pinned search_path and do the writing.
+-- Roles are cluster-wide and outlive DROP EXTENSION.
+DO $$
+DECLARE
+    ext oid := (SELECT oid FROM pg_extension WHERE extname = 'flowfabric');
+    worker_functions text[] := ARRAY[
+        'ff_claim_for_worker', 'ff_renew_lease', 'ff_complete_execution', 'ff_fail_execution',
+        'ff_report_usage', 'ff_record_spend', 'ff_verify_grant', 'ff_get_execution', 'ff_lane_channel'];
+    f record;
+    t record;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'flowfabric_worker') THEN
+        CREATE ROLE flowfabric_worker NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'flowfabric_admin') THEN
+        CREATE ROLE flowfabric_admin NOLOGIN;
+    END IF;
+    FOR f IN
+        SELECT p.oid::regprocedure AS sig, p.proname, p.prorettype = 'trigger'::regtype AS is_trigger
+        FROM pg_depend d JOIN pg_proc p ON p.oid = d.objid
+        WHERE d.refclassid = 'pg_extension'::regclass AND d.refobjid = ext
+          AND d.classid = 'pg_proc'::regclass AND d.deptype = 'e'
+    LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f.sig);
+        CONTINUE WHEN f.is_trigger;
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO flowfabric_admin', f.sig);
+        IF f.proname = ANY (worker_functions) THEN
+            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO flowfabric_worker', f.sig);
+        END IF;
+    END LOOP;
+    FOR t IN
+        SELECT c.oid::regclass AS rel
+        FROM pg_depend d JOIN pg_class c ON c.oid = d.objid
+        WHERE d.refclassid = 'pg_extension'::regclass AND d.refobjid = ext
+          AND d.classid = 'pg_class'::regclass AND d.deptype = 'e'
+          AND c.relkind IN ('r', 'v') AND c.relname <> 'ff_waitpoint_hmac'
+    LOOP
+        EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', t.rel);
+        EXECUTE format('GRANT SELECT ON %s TO flowfabric_admin', t.rel);
+    END LOOP;
+    REVOKE ALL ON ff_waitpoint_hmac FROM PUBLIC;
+END $$;

@@ -667,7 +667,7 @@ fn outcome_table(o: FfResult<Outcome>) -> TableIterator<'static, OutcomeRow> {
 
 /// Creates a budget with per-dimension hard and soft limits (0 = no limit).
 /// Idempotent: returns 'created' or 'already_satisfied'.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 #[allow(clippy::too_many_arguments)]
 fn ff_create_budget(
@@ -702,7 +702,7 @@ fn ff_create_budget(
 
 /// Reports usage `{"dim": n}` against a budget; see the README for the
 /// outcome rules. A repeated `dedup_key` replays the first outcome.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_report_usage(budget_id: Option<String>, dimensions: Option<RawJsonb>, dedup_key: default!(Option<String>, "NULL")) -> TableIterator<
     'static,
@@ -721,7 +721,7 @@ fn ff_report_usage(budget_id: Option<String>, dimensions: Option<RawJsonb>, dedu
 }
 
 /// `ff_report_usage` with parallel arrays instead of a JSON object.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_report_usage_admin(
     budget_id: Option<String>,
@@ -747,7 +747,7 @@ fn ff_report_usage_admin(
 /// Like `ff_report_usage`, and also books the deltas to the execution so
 /// `ff_release_budget` can hand them back. A repeated idempotency key
 /// returns 'already_applied'.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_record_spend(
     budget_id: Option<String>,
@@ -773,7 +773,7 @@ fn ff_record_spend(
 
 /// Subtracts an execution's recorded spend from the budget (clamped at 0)
 /// and deletes its ledger. Idempotent.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_release_budget(budget_id: Option<String>, execution_id: Option<String>) {
     (|| {
@@ -786,14 +786,14 @@ fn ff_release_budget(budget_id: Option<String>, execution_id: Option<String>) {
 
 /// Zeroes all usage of a budget and reschedules its next reset; returns
 /// next_reset_at_ms (0 when none). Unknown budget: P0002.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_reset_budget(budget_id: Option<String>) -> i64 {
     (|| reset_budget(&required(budget_id, "budget_id")?))().or_raise()
 }
 
 /// Limits, usage and breach counters of a budget as jsonb. Unknown budget: P0002.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_get_budget_status(budget_id: Option<String>) -> JsonB {
     JsonB((|| budget_status(&required(budget_id, "budget_id")?))().or_raise())

@@ -130,8 +130,7 @@ fn lease(c: &mut SpiClient<'_>, r: &ClaimRequest, id: &ExecutionId, kid: &str, s
     let key = grant.key(kid, secret);
     exec(
         c,
-        "WITH old AS (DELETE FROM ff_claim_grant WHERE execution_id = $1),
-         e AS (
+        "WITH e AS (
              UPDATE ff_exec_core SET lifecycle_phase = 'active', ownership_state = 'leased',
                  eligibility_state = 'not_applicable', public_state = 'active',
                  attempt_state = 'running_attempt', attempt_index = attempt_index + 1,
@@ -198,8 +197,11 @@ struct Leased {
     max_attempts: i32,
 }
 
-/// Fencing: the grant must be well-formed, signed by a valid kid, for this
-/// execution, the one currently in force, and its lease unexpired.
+/// Fencing: the grant must be well-formed, for this execution, one we
+/// issued (its row is kept until it expires), correctly signed by a kid
+/// that may still verify, the grant currently in force, and unexpired.
+/// Forgeries are 28000; grants we issued that are no longer current are
+/// 55000.
 fn fence(c: &mut SpiClient<'_>, id: &ExecutionId, grant_key: &str, now: i64) -> FfResult<Leased> {
     let p = parse_grant_key(grant_key)
         .ok_or_else(|| FfError::invalid(format!("malformed grant key \"{}\"", clip(grant_key))))?;
@@ -212,35 +214,42 @@ fn fence(c: &mut SpiClient<'_>, id: &ExecutionId, grant_key: &str, now: i64) -> 
             KidRefusal::PastGrace => format!("grant signed with kid \"{}\", retired past its grace window", p.kid),
         })
     })?;
+    let gid = grant_id(grant_key);
     let t = exec(
         c,
-        "SELECT lifecycle_phase, current_grant_id, current_worker_id, current_worker_instance_id,
-                lease_expires_at_ms, quota_policy_id, attempt_index, max_attempts
+        "SELECT worker_id, worker_instance_id FROM ff_claim_grant WHERE grant_id = $1 AND execution_id = $2",
+        &[gid.clone().into(), pg_uuid(&id.uuid).into()],
+    )?;
+    let row = first_row(t)
+        .ok_or_else(|| FfError::unauthorized(format!("grant for execution {id} was not issued by this engine (or expired long ago)")))?;
+    let grant = Grant {
+        execution: *id,
+        worker_id: col_req(&row, 1)?,
+        worker_instance_id: col_req(&row, 2)?,
+        expires_at_ms: p.expires_at_ms,
+    };
+    if !signature_matches(&secret, &p.kid, &grant.message(), &p.hex_sig) {
+        return Err(FfError::unauthorized(format!("grant signature does not match for execution {id}")));
+    }
+    let t = exec(
+        c,
+        "SELECT lifecycle_phase, current_grant_id, lease_expires_at_ms, quota_policy_id, attempt_index, max_attempts
          FROM ff_exec_core WHERE execution_id = $1 AND partition_key = $2 FOR NO KEY UPDATE",
         &[pg_uuid(&id.uuid).into(), id.partition.into()],
     )?;
     let row = first_row(t).ok_or_else(|| FfError::not_found(format!("execution {id} does not exist")))?;
     let phase: String = col_req(&row, 1)?;
     let current: Option<Vec<u8>> = col(&row, 2)?;
-    if phase != "active" || current.as_deref() != Some(grant_id(grant_key).as_slice()) {
+    if phase != "active" || current.as_deref() != Some(gid.as_slice()) {
         return Err(FfError::wrong_state(format!(
-            "grant is stale: execution {id} is {phase} and not leased under this grant"
+            "grant is stale: execution {id} is {phase} and no longer leased under this grant"
         )));
     }
-    let grant = Grant {
-        execution: *id,
-        worker_id: col_req(&row, 3)?,
-        worker_instance_id: col_req(&row, 4)?,
-        expires_at_ms: p.expires_at_ms,
-    };
-    if !signature_matches(&secret, &p.kid, &grant.message(), &p.hex_sig) {
-        return Err(FfError::unauthorized(format!("grant signature does not match for execution {id}")));
-    }
-    let lease_expires: i64 = col(&row, 5)?.unwrap_or(0);
+    let lease_expires: i64 = col(&row, 3)?.unwrap_or(0);
     if lease_expires <= now {
         return Err(FfError::wrong_state(format!("lease of execution {id} expired at {lease_expires}")));
     }
-    Ok(Leased { quota_policy_id: col(&row, 6)?, attempt_index: col_req(&row, 7)?, max_attempts: col_req(&row, 8)? })
+    Ok(Leased { quota_policy_id: col(&row, 4)?, attempt_index: col_req(&row, 5)?, max_attempts: col_req(&row, 6)? })
 }
 
 pub fn renew_lease(id: &ExecutionId, grant_key: &str, ttl_ms: i64) -> FfResult<i64> {
@@ -297,7 +306,7 @@ pub fn fail(id: &ExecutionId, grant_key: &str, error: &str, retryable: bool) -> 
 /// Claims the best eligible execution of a lane for a worker: zero or one
 /// row with the signed grant the worker must present to renew, complete or
 /// fail it.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_claim_for_worker(
     lane_id: Option<String>,
@@ -334,7 +343,7 @@ fn ff_claim_for_worker(
 
 /// Checks a grant key: 'ok', 'malformed', 'expired', 'unknown_kid',
 /// 'unknown_grant' or 'signature_mismatch'.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_verify_grant(grant_key: Option<String>) -> &'static str {
     (|| verify_grant(&required(grant_key, "grant_key")?))().or_raise()
@@ -345,7 +354,7 @@ fn parse_exec(execution_id: Option<String>) -> FfResult<ExecutionId> {
 }
 
 /// Extends the lease of a claimed execution; returns the new expiry (ms).
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_renew_lease(execution_id: Option<String>, grant_key: Option<String>, ttl_ms: Option<i64>) -> i64 {
     (|| renew_lease(&parse_exec(execution_id)?, &required(grant_key, "grant_key")?, required(ttl_ms, "ttl_ms")?))()
@@ -354,7 +363,7 @@ fn ff_renew_lease(execution_id: Option<String>, grant_key: Option<String>, ttl_m
 
 /// Completes a claimed execution with an optional result; writes its
 /// 'success' completion event in the same transaction.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_complete_execution(execution_id: Option<String>, grant_key: Option<String>, result: default!(Option<RawJsonb>, "NULL")) {
     (|| complete(&parse_exec(execution_id)?, &required(grant_key, "grant_key")?, result))().or_raise()
@@ -363,7 +372,7 @@ fn ff_complete_execution(execution_id: Option<String>, grant_key: Option<String>
 /// Fails the running attempt. Retryable failures with attempts left return
 /// to the queue after a backoff ('retry_scheduled'); otherwise the execution
 /// ends 'failed' with a completion event.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_fail_execution(
     execution_id: Option<String>,

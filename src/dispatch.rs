@@ -283,7 +283,7 @@ pub fn dispatch_completion(event_id: i64) -> FfResult<(&'static str, i32)> {
 /// Dispatches a completion event: advances the edge groups downstream of
 /// its execution, and the whole cascade that follows, in the caller's
 /// transaction. 'noop' when it was already dispatched.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_dispatch_completion(
     event_id: Option<i64>,

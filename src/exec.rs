@@ -188,8 +188,9 @@ pub fn record_completion(c: &mut SpiClient<'_>, execution: &uuid::Uuid, outcome:
     col_req(&row, 1)
 }
 
-/// Ends the running attempt and frees what the lease held (quota slot,
-/// grant rows). Shared by every way an execution leaves `active`.
+/// Ends the running attempt and frees the quota slot the lease held. Its
+/// grant row stays until it expires, so a late call with it is told the
+/// grant is stale rather than unknown. Shared by every way an execution leaves `active`.
 pub fn end_attempt(
     c: &mut SpiClient<'_>,
     uuid: &uuid::Uuid,
@@ -202,8 +203,7 @@ pub fn end_attempt(
 ) -> FfResult<()> {
     exec(
         c,
-        "WITH g AS (DELETE FROM ff_claim_grant WHERE execution_id = $1)
-         UPDATE ff_attempt SET outcome = $3, error = $4, terminal_at_ms = $5, lease_expires_at_ms = NULL
+        "UPDATE ff_attempt SET outcome = $3, error = $4, terminal_at_ms = $5, lease_expires_at_ms = NULL
          WHERE execution_id = $1 AND attempt_index = $2",
         &[pg_uuid(uuid).into(), attempt_index.into(), outcome.into(), error.into(), now.into()],
     )?;
@@ -297,7 +297,7 @@ pub fn terminate(
 
 /// Creates an execution on `lane_id`, claimable at once (or at
 /// `delay_until_ms`). Returns its `{fp:N}:<uuid>` id.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 #[allow(clippy::too_many_arguments)]
 fn ff_create_execution(
@@ -363,7 +363,7 @@ pub fn execution_info(id: &ExecutionId) -> FfResult<serde_json::Value> {
 
 /// State, payload, result and lease of one execution as jsonb (what a
 /// worker reads after a claim). Unknown execution: P0002.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_get_execution(execution_id: Option<String>) -> JsonB {
     JsonB((|| execution_info(&ExecutionId::parse(&required(execution_id, "execution_id")?)?))().or_raise())

@@ -365,7 +365,7 @@ fn parse_exec(value: Option<String>, name: &str) -> FfResult<ExecutionId> {
 }
 
 /// Creates a flow (a DAG of executions). Idempotent: 'created' or 'already_satisfied'.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_create_flow(
     flow_id: Option<Uuid>,
@@ -378,7 +378,7 @@ fn ff_create_flow(
 
 /// Adds an execution (created with `flow_id => flow`) to the flow; bumps
 /// graph_revision. Returns ('added' | 'already_member', node_count).
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_add_execution_to_flow(
     flow_id: Option<Uuid>,
@@ -391,7 +391,7 @@ fn ff_add_execution_to_flow(
 /// Stages edge upstream -> downstream if the graph is still at
 /// `expected_graph_revision` (else 40001); refuses self-edges, non-members,
 /// duplicates (23505) and cycles. Returns the new graph revision.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 #[allow(clippy::too_many_arguments)]
 fn ff_stage_dependency_edge(
@@ -424,7 +424,7 @@ fn ff_stage_dependency_edge(
 
 /// Applies a staged edge so its downstream waits for it. Returns
 /// ('applied' | 'already_applied', unresolved inbound edges).
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_apply_dependency_to_child(
     flow_id: Option<Uuid>,
@@ -444,7 +444,7 @@ fn ff_apply_dependency_to_child(
 
 /// Sets how the inbound edges of a downstream combine: all_of (default),
 /// any_of or quorum. Only before any of its edges is staged.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_set_edge_group_policy(flow_id: Option<Uuid>, downstream_execution_id: Option<String>, policy: Option<RawJsonb>) -> &'static str {
     (|| {
@@ -456,7 +456,7 @@ fn ff_set_edge_group_policy(flow_id: Option<Uuid>, downstream_execution_id: Opti
 
 /// Cancels the flow and every non-terminal member; returns how many
 /// executions were cancelled.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_cancel_flow(flow_id: Option<Uuid>, reason: default!(Option<String>, "'cancelled'")) -> i32 {
     (|| {

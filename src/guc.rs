@@ -9,11 +9,19 @@ pub static KEY_GRACE_MS: GucSetting<i32> = GucSetting::<i32>::new(86_400_000);
 pub static ENABLE_RECONCILER: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Pause between two passes of the background worker.
 pub static RECONCILER_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
+/// How long finished executions and flows are kept before the reconciler
+/// deletes them (0 keeps them forever). i32 milliseconds cap at ~24.8 days,
+/// so this one counts seconds.
+pub static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
 /// Comma-separated databases the background worker serves.
 pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 
 pub fn key_grace_ms() -> i64 {
     i64::from(KEY_GRACE_MS.get())
+}
+
+pub fn retention_ms() -> i64 {
+    i64::from(RETENTION_S.get()) * 1000
 }
 
 /// Databases listed in `flowfabric.database`, trimmed, without empties.
@@ -42,6 +50,16 @@ pub fn register() {
         &ENABLE_RECONCILER,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"flowfabric.retention_s",
+        c"How long finished executions and flows are kept before reconcilers delete them, in seconds.",
+        c"0 keeps them forever. Applies to terminal executions and to flows whose members all finished.",
+        &RETENTION_S,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
         c"flowfabric.reconciler_interval_ms",

@@ -84,7 +84,7 @@ pub fn rotate(kid: &str, secret: Option<Vec<u8>>) -> FfResult<String> {
 
 /// Makes `kid` the active signing key (random 32-byte secret by default).
 /// Retired kids keep verifying for flowfabric.key_grace_ms. Returns the kid.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_rotate_hmac_secret(kid: Option<String>, secret: default!(Option<Vec<u8>>, "NULL")) -> String {
     (|| rotate(&crate::error::required(kid, "kid")?, secret))().or_raise()

@@ -126,7 +126,7 @@ pub fn release(c: &mut SpiClient<'_>, quota_policy_id: &str, execution_id: &str,
 
 /// Creates a quota policy (0 = unlimited). Idempotent: 'created' or
 /// 'already_satisfied'.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_create_quota_policy(
     quota_policy_id: Option<String>,

@@ -197,6 +197,68 @@ fn trim_quota_windows(c: &mut SpiClient<'_>) -> FfResult<Value> {
     Ok(json!({"trimmed": t.first().get::<i64>(1)?.unwrap_or(0)}))
 }
 
+/// How long a grant row outlives its expiry, so a late call with it is
+/// told "stale" rather than "unknown".
+pub const GRANT_KEEP_MS: i64 = 600_000;
+
+fn purge_expired_grants(c: &mut SpiClient<'_>) -> FfResult<Value> {
+    let t = exec(
+        c,
+        "WITH gone AS (
+             DELETE FROM ff_claim_grant WHERE ctid = ANY (ARRAY(
+                 SELECT ctid FROM ff_claim_grant WHERE expires_at_ms < $1
+                 LIMIT $2 FOR UPDATE SKIP LOCKED))
+             RETURNING 1)
+         SELECT count(*) FROM gone",
+        &[(now_ms() - GRANT_KEEP_MS).into(), (BATCH * 10).into()],
+    )?;
+    Ok(json!({"purged": t.first().get::<i64>(1)?.unwrap_or(0)}))
+}
+
+/// Deletes what finished longer than `flowfabric.retention_ms` ago: solo
+/// executions, and whole flows once every member is that old, with their
+/// attempts, dispatched events, ledgers, grants, edges and groups.
+fn purge_retired(c: &mut SpiClient<'_>) -> FfResult<Value> {
+    let retention = crate::guc::retention_ms();
+    if retention <= 0 {
+        return Ok(json!({"executions": 0, "flows": 0}));
+    }
+    let cutoff = now_ms() - retention;
+    let t = exec(
+        c,
+        "WITH victims AS (
+             SELECT execution_id FROM ff_exec_core
+             WHERE lifecycle_phase = 'terminal' AND flow_id IS NULL AND terminal_at_ms < $1
+             LIMIT $2 FOR UPDATE SKIP LOCKED),
+         ev AS (DELETE FROM ff_completion_event e USING victims v
+                WHERE e.execution_id = v.execution_id AND e.dispatched_at_ms IS NOT NULL),
+         led AS (DELETE FROM ff_budget_usage_by_exec l USING victims v WHERE l.execution_id = v.execution_id),
+         gr AS (DELETE FROM ff_claim_grant g USING victims v WHERE g.execution_id = v.execution_id),
+         gone AS (DELETE FROM ff_exec_core x USING victims v WHERE x.execution_id = v.execution_id RETURNING 1)
+         SELECT count(*) FROM gone",
+        &[cutoff.into(), BATCH.into()],
+    )?;
+    let executions = t.first().get::<i64>(1)?.unwrap_or(0);
+    let t = exec(
+        c,
+        "WITH done AS (
+             SELECT f.flow_id FROM ff_flow_core f
+             WHERE f.created_at_ms < $1
+               AND NOT EXISTS (SELECT 1 FROM ff_exec_core x WHERE x.flow_id = f.flow_id
+                               AND (x.lifecycle_phase <> 'terminal' OR x.terminal_at_ms >= $1))
+             LIMIT $2 FOR UPDATE SKIP LOCKED),
+         members AS (DELETE FROM ff_exec_core x USING done d WHERE x.flow_id = d.flow_id RETURNING x.execution_id),
+         ev AS (DELETE FROM ff_completion_event e USING done d
+                WHERE e.flow_id = d.flow_id AND e.dispatched_at_ms IS NOT NULL),
+         led AS (DELETE FROM ff_budget_usage_by_exec l USING members m WHERE l.execution_id = m.execution_id),
+         gr AS (DELETE FROM ff_claim_grant g USING members m WHERE g.execution_id = m.execution_id),
+         gone AS (DELETE FROM ff_flow_core f USING done d WHERE f.flow_id = d.flow_id RETURNING 1)
+         SELECT count(*) FROM gone",
+        &[cutoff.into(), (BATCH / 10).into()],
+    )?;
+    Ok(json!({"executions": executions, "flows": t.first().get::<i64>(1)?.unwrap_or(0)}))
+}
+
 /// Stale threshold the dependency reconciler uses inside a full pass:
 /// events normally dispatch inline, so anything older is a leftover.
 pub const PASS_STALE_MS: i64 = 1_000;
@@ -211,13 +273,15 @@ pub fn run_reconcilers(c: &mut SpiClient<'_>) -> FfResult<Value> {
         "delayed_promotion": promote_delayed(c)?,
         "dedup_purge": purge_expired_dedup(c)?,
         "quota_window_trim": trim_quota_windows(c)?,
+        "grant_purge": purge_expired_grants(c)?,
+        "retention_purge": purge_retired(c)?,
     }))
 }
 
 /// Dispatches completion events undispatched for longer than
 /// `stale_threshold_ms`, oldest first, at most 1000 per call; one failing
 /// event counts in `errors` and does not stop the others.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_reconcile_tick(
     stale_threshold_ms: default!(Option<i64>, 1000),
@@ -250,8 +314,9 @@ fn ff_reconcile_tick(
 }
 
 /// One pass of every reconciler (dependency, budget reset, lease expiry,
-/// delayed promotion, dedup purge, quota window trim) with their counts.
-#[pg_extern(volatile, parallel_unsafe)]
+/// delayed promotion, dedup purge, quota window trim, expired grant purge,
+/// retention purge) with their counts.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_run_reconcilers() -> JsonB {
     JsonB(with_spi(run_reconcilers).or_raise())

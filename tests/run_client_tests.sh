@@ -3,9 +3,6 @@
 # the pytest suite, which starts its own private clusters.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PGRX_HOME="$PWD/pgrx-config"
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="--sudo"
-cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config $SUDO >/dev/null
+bash scripts/install.sh
 (cd examples/node && npm install --no-audit --no-fund --silent >/dev/null)
 /usr/bin/python3 -m pytest -q -p no:cacheprovider tests "$@"

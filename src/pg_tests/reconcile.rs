@@ -140,4 +140,26 @@ mod tests {
         );
         assert_eq!(rows.as_deref(), Some("active=1,waiting=2"));
     }
+
+    #[pg_test]
+    fn retention_purges_old_finished_work_only() {
+        let old: String = one("SELECT ff_create_execution('r')").unwrap();
+        let (_, g): (Option<String>, Option<String>) =
+            Spi::get_two("SELECT execution_id, grant_key FROM ff_claim_for_worker('r', 'w', 'i')").unwrap();
+        Spi::run(&format!("SELECT ff_complete_execution('{old}', '{}')", g.unwrap())).unwrap();
+        let live: String = one("SELECT ff_create_execution('r')").unwrap();
+        Spi::run("UPDATE ff_exec_core SET terminal_at_ms = 1 WHERE terminal_at_ms IS NOT NULL").unwrap();
+        Spi::run("UPDATE ff_claim_grant SET expires_at_ms = 1").unwrap();
+        let report: pgrx::JsonB = one("SELECT ff_run_reconcilers()").unwrap();
+        assert_eq!(report.0["retention_purge"]["executions"], 1, "{}", report.0);
+        assert_eq!(report.0["grant_purge"]["purged"], 1, "{}", report.0);
+        assert_fails(&format!("SELECT ff_get_execution('{old}')"), "ERRCODE_NO_DATA_FOUND");
+        assert_eq!(public_state(&live), "waiting");
+        let left: i64 = one("SELECT (SELECT count(*) FROM ff_attempt) + (SELECT count(*) FROM ff_completion_event)").unwrap();
+        assert_eq!(left, 0);
+        Spi::run("SET LOCAL flowfabric.retention_s = 0").unwrap();
+        Spi::run("UPDATE ff_exec_core SET lifecycle_phase = 'terminal', eligibility_state = 'not_applicable', terminal_at_ms = 1").unwrap();
+        let report: pgrx::JsonB = one("SELECT ff_run_reconcilers()").unwrap();
+        assert_eq!(report.0["retention_purge"]["executions"], 0, "{}", report.0);
+    }
 }

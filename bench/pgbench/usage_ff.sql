@@ -1,0 +1,2 @@
+\set b random(1, :budgets)
+SELECT * FROM ff_report_usage('b' || :b, '{"tokens": 1}');
