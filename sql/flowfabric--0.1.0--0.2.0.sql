@@ -84,6 +84,23 @@ SELECT pg_catalog.pg_extension_config_dump('ff_reconciler_status', '');
 SELECT pg_catalog.pg_extension_config_dump('ff_exec_core_queue_seq_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ff_completion_event_event_id_seq', '');
 
+-- Hot tables: rows are updated and deleted all day. Vacuum them early, and
+-- leave free space in pages that take frequent updates so most are HOT.
+ALTER TABLE ff_exec_core SET (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.02,
+    autovacuum_analyze_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0);
+ALTER TABLE ff_attempt SET (autovacuum_vacuum_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 0);
+ALTER TABLE ff_claim_grant SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0);
+ALTER TABLE ff_completion_event SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0);
+ALTER TABLE ff_budget_usage_dedup SET (autovacuum_vacuum_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 0);
+ALTER TABLE ff_quota_window SET (autovacuum_vacuum_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 0);
+ALTER TABLE ff_budget_usage SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0,
+    autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 0);
+ALTER TABLE ff_budget_policy SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0,
+    autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 0);
+ALTER TABLE ff_quota_policy SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0,
+    autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 0);
+ALTER TABLE ff_edge_group SET (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.05);
+
 -- flowfabric schema: roles and privileges.
 --
 -- flowfabric_worker may claim, renew, complete and fail executions, report

@@ -121,3 +121,43 @@ def settled(conn, downstreams, leased):
     ids = downstreams + leased
     rows = conn.execute("SELECT ff_get_execution(id) ->> 'public_state' FROM unnest(%s::text[]) id", (ids,)).fetchall()
     return all(r[0] == "waiting" for r in rows)
+
+
+INVARIANTS = {
+    "edge group counters match their edges": """
+        SELECT count(*) FROM ff_edge_group g CROSS JOIN LATERAL (
+            SELECT count(*) FILTER (WHERE resolution = 'success') AS s, count(*) FILTER (WHERE resolution = 'fail') AS f,
+                   count(*) FILTER (WHERE resolution = 'skip') AS k, count(*) FILTER (WHERE resolution IS NULL) AS r
+            FROM ff_edge e WHERE e.flow_id = g.flow_id AND e.downstream_eid = g.downstream_eid
+              AND e.edge_state = 'applied') c
+        WHERE (g.success_count, g.fail_count, g.skip_count, g.running_count) <> (c.s, c.f, c.k, c.r)""",
+    "dispatched events resolved every applied outgoing edge": """
+        SELECT count(*) FROM ff_completion_event ev
+        JOIN ff_edge e ON e.upstream_eid = ev.execution_id AND e.edge_state = 'applied'
+        WHERE ev.dispatched_at_ms IS NOT NULL AND e.resolution IS NULL""",
+    "terminal executions have exactly one completion event": """
+        SELECT count(*) FROM ff_exec_core x WHERE x.lifecycle_phase = 'terminal'
+          AND (SELECT count(*) FROM ff_completion_event e WHERE e.execution_id = x.execution_id) <> 1""",
+    "only terminal executions have completion events": """
+        SELECT count(*) FROM ff_completion_event e JOIN ff_exec_core x USING (execution_id)
+        WHERE x.lifecycle_phase <> 'terminal'""",
+    "active executions hold a grant and a lease": """
+        SELECT count(*) FROM ff_exec_core
+        WHERE lifecycle_phase = 'active' AND (current_grant_id IS NULL OR lease_expires_at_ms IS NULL)""",
+    "satisfied groups released their downstream": """
+        SELECT count(*) FROM ff_edge_group g JOIN ff_exec_core x ON x.execution_id = g.downstream_eid
+        WHERE g.group_state = 'satisfied' AND x.eligibility_state = 'blocked_by_dependencies'""",
+    "impossible groups ended their downstream": """
+        SELECT count(*) FROM ff_edge_group g JOIN ff_exec_core x ON x.execution_id = g.downstream_eid
+        WHERE g.group_state = 'impossible' AND x.lifecycle_phase <> 'terminal'""",
+    "quota concurrency matches admitted executions": """
+        SELECT count(*) FROM ff_quota_policy p
+        WHERE active_concurrency <> (SELECT count(*) FROM ff_quota_admitted a WHERE a.quota_policy_id = p.quota_policy_id)""",
+    "no usage above a hard limit": """
+        SELECT count(*) FROM ff_budget_health WHERE hard_limit > 0 AND current_usage > hard_limit""",
+}
+
+
+def invariant_violations(conn):
+    """Names of the engine invariants that do not hold (empty when all do)."""
+    return [name for name, sql in INVARIANTS.items() if conn.execute(sql).fetchone()[0] != 0]
