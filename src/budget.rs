@@ -12,8 +12,6 @@ use pgrx::JsonB;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 
-/// How long a dedup key is remembered.
-pub const DEDUP_TTL_MS: i64 = 86_400_000;
 /// Most dimensions one budget or one report may name.
 pub const MAX_DIMENSIONS: usize = 256;
 
@@ -399,7 +397,7 @@ fn claim_dedup_key(c: &mut SpiClient<'_>, budget_id: &str, key: &str, part: i16,
                  expires_at_ms = EXCLUDED.expires_at_ms
              WHERE d.expires_at_ms <= EXCLUDED.applied_at_ms
          RETURNING 1",
-        &[budget_id.into(), key.into(), part.into(), now.into(), (now + DEDUP_TTL_MS).into()],
+        &[budget_id.into(), key.into(), part.into(), now.into(), (now + crate::guc::dedup_ttl_ms()).into()],
     )?;
     if !claimed.is_empty() {
         return Ok(None);

@@ -13,11 +13,17 @@ pub static RECONCILER_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1_00
 /// deletes them (0 keeps them forever). i32 milliseconds cap at ~24.8 days,
 /// so this one counts seconds.
 pub static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
+/// How long a usage dedup key is remembered.
+pub static DEDUP_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 /// Comma-separated databases the background worker serves.
 pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 
 pub fn key_grace_ms() -> i64 {
     i64::from(KEY_GRACE_MS.get())
+}
+
+pub fn dedup_ttl_ms() -> i64 {
+    i64::from(DEDUP_TTL_S.get()) * 1000
 }
 
 pub fn retention_ms() -> i64 {
@@ -57,6 +63,16 @@ pub fn register() {
         c"0 keeps them forever. Applies to terminal executions and to flows whose members all finished.",
         &RETENTION_S,
         0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"flowfabric.dedup_ttl_s",
+        c"How long a usage dedup key (or record_spend idempotency key) is remembered, in seconds.",
+        c"A key seen again within this window replays; expired keys are purged by the reconcilers.",
+        &DEDUP_TTL_S,
+        1,
         i32::MAX,
         GucContext::Suset,
         GucFlags::UNIT_S,

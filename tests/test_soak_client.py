@@ -36,6 +36,7 @@ def test_soak_sizes_and_memory_stay_bounded():
         with soak.connect() as c:
             c.execute("CREATE EXTENSION flowfabric")
             c.execute("ALTER DATABASE postgres SET flowfabric.retention_s = 2")
+            c.execute("ALTER DATABASE postgres SET flowfabric.dedup_ttl_s = 2")
             c.execute("SELECT ff_create_budget('b', '{tokens}', '{0}', '{0}')")
             c.execute("SELECT ff_create_quota_policy('q', 2, 0, 0)")
         stop = threading.Event()
@@ -81,10 +82,12 @@ def test_soak_sizes_and_memory_stay_bounded():
         with soak.connect() as c:
             assert invariant_violations(c) == []
             done = c.execute("SELECT current_value FROM ff_budget_usage").fetchone()[0]
+            by_table = c.execute("SELECT relname, pg_total_relation_size(oid) / 1024 FROM pg_class "
+                                 "WHERE relname = ANY(%s) ORDER BY 2 DESC", (TABLES,)).fetchall()
         assert done > 500, f"only {done} executions completed"
         # After the first third (retention and autovacuum warming up) sizes level off.
         warm = [s for t, s in sizes if t >= sizes[0][0] + SECONDS / 3]
-        print("soak engine KiB:", [s // 1024 for _, s in sizes][::4], "completed:", done)
+        print("soak engine KiB:", [s // 1024 for _, s in sizes][::4], "completed:", done, by_table)
         assert max(warm) <= 1.5 * warm[0] + 4 * 1024 * 1024, [s // 1024 for _, s in sizes]
         for samples in memory.values():
             settled = samples[len(samples) // 3:]
