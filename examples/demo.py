@@ -42,11 +42,7 @@ def start_cluster():
         c.start()
     else:
         c.init().start()
-    with c.connect() as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {DB}")
-    with c.connect(DB) as conn:
-        conn.execute("CREATE EXTENSION flowfabric")
+    c.create_db(DB)
     return c
 
 

@@ -97,35 +97,40 @@ def test_one_failure_in_a_wide_fan_in_skips_the_sink_and_below(cluster, db):
         assert values.count("completed") + values.count("skipped") + 1 == width + 3
 
 
+def build_chain(conn, flow, n, backwards=False):
+    """A chain of n executions linked i -> i+1, staged first to last or last
+    to first, built server-side so the test is about staging, not round
+    trips. Leaves the ids in temp table chain_ids(id, pos)."""
+    order = "REVERSE {} - 1..1".format(n) if backwards else "1..{} - 1".format(n)
+    conn.execute("""
+        DO $$
+        DECLARE f uuid := {}; ids text[] := '{{}}'; rev bigint; i int;
+        BEGIN
+          PERFORM ff_create_flow(f);
+          FOR i IN 1..{} LOOP
+            ids := ids || ff_create_execution('chain', flow_id => f);
+            PERFORM ff_add_execution_to_flow(f, ids[i]);
+          END LOOP;
+          rev := {};
+          FOR i IN {} LOOP
+            rev := ff_stage_dependency_edge(f, gen_random_uuid(), ids[i], ids[i + 1], rev);
+          END LOOP;
+          CREATE TEMP TABLE chain_ids AS SELECT * FROM unnest(ids) WITH ORDINALITY AS t(id, pos);
+        END $$""".format(f"'{flow}'", n, n, order))
+    return conn.execute("SELECT graph_revision FROM ff_flow_core WHERE flow_id = %s", (flow,)).fetchone()[0]
+
+
 def test_chain_of_ten_thousand_nodes_refuses_the_closing_cycle(cluster, db):
     n = 10_000
     flow = uuid.uuid4()
     with cluster.connect(db) as c:
-        # Built server-side in one statement to keep the test about staging, not round trips.
-        c.execute("""
-            DO $$
-            DECLARE f uuid := {}; ids text[] := '{{}}'; rev bigint; i int;
-            BEGIN
-              PERFORM ff_create_flow(f);
-              FOR i IN 1..{} LOOP
-                ids := ids || ff_create_execution('chain', flow_id => f);
-                PERFORM ff_add_execution_to_flow(f, ids[i]);
-              END LOOP;
-              rev := {};
-              FOR i IN 1..{} - 1 LOOP
-                rev := ff_stage_dependency_edge(f, gen_random_uuid(), ids[i], ids[i + 1], rev);
-              END LOOP;
-              CREATE TEMP TABLE chain_ids AS SELECT * FROM unnest(ids) WITH ORDINALITY AS t(id, pos);
-            END $$""".format(f"'{flow}'", n, n, n))
-        first = c.execute("SELECT id FROM chain_ids WHERE pos = 1").fetchone()[0]
-        last = c.execute(f"SELECT id FROM chain_ids WHERE pos = {n}").fetchone()[0]
-        rev = c.execute("SELECT graph_revision FROM ff_flow_core WHERE flow_id = %s", (flow,)).fetchone()[0]
+        rev = build_chain(c, flow, n)
         assert rev == 2 * n - 1
-        with pytest.raises(psycopg.errors.InvalidParameterValue, match="cycle"):
-            c.execute("SELECT ff_stage_dependency_edge(%s, gen_random_uuid(), %s, %s, %s)", (flow, last, first, rev))
-        middle = c.execute(f"SELECT id FROM chain_ids WHERE pos = {n // 2}").fetchone()[0]
-        with pytest.raises(psycopg.errors.InvalidParameterValue, match="cycle"):
-            c.execute("SELECT ff_stage_dependency_edge(%s, gen_random_uuid(), %s, %s, %s)", (flow, last, middle, rev))
+        first, middle, last = (c.execute("SELECT id FROM chain_ids WHERE pos = %s", (pos,)).fetchone()[0]
+                               for pos in (1, n // 2, n))
+        for up, down in ((last, first), (last, middle)):
+            with pytest.raises(psycopg.errors.InvalidParameterValue, match="cycle"):
+                c.execute("SELECT ff_stage_dependency_edge(%s, gen_random_uuid(), %s, %s, %s)", (flow, up, down, rev))
         # A shortcut that keeps it acyclic is fine.
         assert c.execute("SELECT ff_stage_dependency_edge(%s, gen_random_uuid(), %s, %s, %s)",
                          (flow, first, last, rev)).fetchone()[0] == rev + 1
@@ -133,23 +138,8 @@ def test_chain_of_ten_thousand_nodes_refuses_the_closing_cycle(cluster, db):
 
 def test_chain_built_backwards_stays_cheap(cluster, db):
     n = 3000
-    flow = uuid.uuid4()
     with cluster.connect(db) as c:
-        c.execute("""
-            DO $$
-            DECLARE f uuid := {}; ids text[] := '{{}}'; rev bigint; i int;
-            BEGIN
-              PERFORM ff_create_flow(f);
-              FOR i IN 1..{} LOOP
-                ids := ids || ff_create_execution('back', flow_id => f);
-                PERFORM ff_add_execution_to_flow(f, ids[i]);
-              END LOOP;
-              rev := {};
-              FOR i IN REVERSE {} - 1..1 LOOP
-                rev := ff_stage_dependency_edge(f, gen_random_uuid(), ids[i], ids[i + 1], rev);
-              END LOOP;
-            END $$""".format(f"'{flow}'", n, n, n))
-        assert c.execute("SELECT edge_count FROM ff_flow_core").fetchone()[0] == n - 1
+        assert build_chain(c, uuid.uuid4(), n, backwards=True) == 2 * n - 1
 
 
 def test_killed_backend_leaves_no_half_cascade(cluster, db):
