@@ -52,8 +52,10 @@ CREATE INDEX ff_exec_core_delayed_idx ON ff_exec_core (eligible_at_ms)
     WHERE eligibility_state = 'not_eligible_until_time';
 CREATE INDEX ff_exec_core_flow_idx ON ff_exec_core (flow_id) WHERE flow_id IS NOT NULL;
 
+-- No foreign key to ff_exec_core: its check would cost every claim a lookup,
+-- and attempts are only ever written next to their execution.
 CREATE TABLE ff_attempt (
-    execution_id        uuid NOT NULL REFERENCES ff_exec_core ON DELETE CASCADE,
+    execution_id        uuid NOT NULL,
     attempt_index       int NOT NULL,
     partition_key       smallint NOT NULL,
     worker_id           text NOT NULL,

@@ -19,6 +19,7 @@ BEGIN
 END $$;
 
 ALTER TABLE ff_waitpoint_hmac ADD COLUMN seeded boolean NOT NULL DEFAULT false;
+ALTER TABLE ff_attempt DROP CONSTRAINT ff_attempt_execution_id_fkey;
 
 CREATE OR REPLACE FUNCTION ff_partition_config_guard() RETURNS trigger
 LANGUAGE plpgsql SET search_path = @extschema@, pg_temp AS $$

@@ -9,7 +9,7 @@ use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::exec::{end_attempt, from_pg_uuid, make_terminal, normalize_capabilities, pg_uuid, requeue};
 use crate::ids::{check_text_id, clip, ExecutionId};
 use crate::jsonb::RawJsonb;
-use crate::keystore::{active_key, verification_secret, KidRefusal};
+use crate::keystore::{no_signing_key, verification_secret, KidRefusal, SigningKey};
 use crate::quota;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -61,19 +61,29 @@ struct Candidate {
 
 /// One indexed pick of the best claimable execution of the lane, skipping
 /// rows locked by other claimers and rows whose budget or quota already
-/// refused in this claim.
-fn pick(c: &mut SpiClient<'_>, r: &ClaimRequest, now: i64, refused_budgets: &[String], refused_quotas: &[String]) -> FfResult<Option<Candidate>> {
+/// refused in this claim. The active signing key comes back in the same
+/// statement; no key at all fails closed (55000).
+fn pick(
+    c: &mut SpiClient<'_>,
+    r: &ClaimRequest,
+    now: i64,
+    refused_budgets: &[String],
+    refused_quotas: &[String],
+) -> FfResult<(SigningKey, Option<Candidate>)> {
     let t = exec(
         c,
-        "SELECT execution_id, partition_key, budget_ids, quota_policy_id FROM ff_exec_core
-         WHERE lane_id = $1 AND lifecycle_phase = 'runnable'
-           AND eligibility_state IN ('eligible_now', 'not_eligible_until_time')
-           AND eligible_at_ms <= $3
-           AND required_capabilities <@ $2
-           AND NOT (budget_ids && $4)
-           AND (quota_policy_id IS NULL OR quota_policy_id <> ALL ($5))
-         ORDER BY priority DESC, created_at_ms, queue_seq
-         LIMIT 1 FOR UPDATE SKIP LOCKED",
+        "SELECT k.kid, k.secret, x.execution_id, x.partition_key, x.budget_ids, x.quota_policy_id
+         FROM ff_waitpoint_hmac k LEFT JOIN LATERAL (
+             SELECT execution_id, partition_key, budget_ids, quota_policy_id FROM ff_exec_core
+             WHERE lane_id = $1 AND lifecycle_phase = 'runnable'
+               AND eligibility_state IN ('eligible_now', 'not_eligible_until_time')
+               AND eligible_at_ms <= $3
+               AND required_capabilities <@ $2
+               AND NOT (budget_ids && $4)
+               AND (quota_policy_id IS NULL OR quota_policy_id <> ALL ($5))
+             ORDER BY priority DESC, created_at_ms, queue_seq
+             LIMIT 1 FOR UPDATE SKIP LOCKED) x ON true
+         WHERE k.active",
         &[
             r.lane_id.as_str().into(),
             r.capabilities.clone().into(),
@@ -82,23 +92,28 @@ fn pick(c: &mut SpiClient<'_>, r: &ClaimRequest, now: i64, refused_budgets: &[St
             refused_quotas.to_vec().into(),
         ],
     )?;
-    let Some(row) = first_row(t) else { return Ok(None) };
-    Ok(Some(Candidate {
-        uuid: from_pg_uuid(&col_req::<pgrx::Uuid>(&row, 1)?),
-        partition: col_req(&row, 2)?,
-        budget_ids: col::<Vec<String>>(&row, 3)?.unwrap_or_default(),
-        quota_policy_id: col(&row, 4)?,
-    }))
+    let row = first_row(t).ok_or_else(no_signing_key)?;
+    let key = SigningKey { kid: col_req(&row, 1)?, secret: col_req(&row, 2)? };
+    let Some(uuid) = col::<pgrx::Uuid>(&row, 3)? else { return Ok((key, None)) };
+    Ok((
+        key,
+        Some(Candidate {
+            uuid: from_pg_uuid(&uuid),
+            partition: col_req(&row, 4)?,
+            budget_ids: col::<Vec<String>>(&row, 5)?.unwrap_or_default(),
+            quota_policy_id: col(&row, 6)?,
+        }),
+    ))
 }
 
 /// The whole claim, inside the caller's transaction.
 pub fn claim(r: &ClaimRequest) -> FfResult<Option<Claimed>> {
     with_spi(|c| {
-        let key = active_key(c)?;
         let now = now_ms();
         let (mut refused_budgets, mut refused_quotas) = (Vec::new(), Vec::new());
         while refused_budgets.len() + refused_quotas.len() <= MAX_REFUSALS {
-            let Some(cand) = pick(c, r, now, &refused_budgets, &refused_quotas)? else { return Ok(None) };
+            let (key, cand) = pick(c, r, now, &refused_budgets, &refused_quotas)?;
+            let Some(cand) = cand else { return Ok(None) };
             let id = ExecutionId { partition: cand.partition, uuid: cand.uuid };
             if !cand.budget_ids.is_empty() {
                 if let Some(budget) = first_exhausted_budget(c, &cand.budget_ids)? {

@@ -16,13 +16,9 @@ pub struct SigningKey {
     pub secret: Vec<u8>,
 }
 
-/// The active key; fails closed (55000) when the keystore has none.
-pub fn active_key(c: &mut SpiClient<'_>) -> FfResult<SigningKey> {
-    let t = exec(c, "SELECT kid, secret FROM ff_waitpoint_hmac WHERE active", &[])?;
-    let row = first_row(t).ok_or_else(|| {
-        FfError::wrong_state("the HMAC keystore has no active key; run ff_rotate_hmac_secret(kid)")
-    })?;
-    Ok(SigningKey { kid: col_req(&row, 1)?, secret: col_req(&row, 2)? })
+/// Claims fail closed without an active key.
+pub fn no_signing_key() -> FfError {
+    FfError::wrong_state("the HMAC keystore has no active key; run ff_rotate_hmac_secret(kid)")
 }
 
 /// Why a kid cannot verify.

@@ -234,6 +234,7 @@ fn purge_retired(c: &mut SpiClient<'_>) -> FfResult<Value> {
                 WHERE e.execution_id = v.execution_id AND e.dispatched_at_ms IS NOT NULL),
          led AS (DELETE FROM ff_budget_usage_by_exec l USING victims v WHERE l.execution_id = v.execution_id),
          gr AS (DELETE FROM ff_claim_grant g USING victims v WHERE g.execution_id = v.execution_id),
+         att AS (DELETE FROM ff_attempt a USING victims v WHERE a.execution_id = v.execution_id),
          gone AS (DELETE FROM ff_exec_core x USING victims v WHERE x.execution_id = v.execution_id RETURNING 1)
          SELECT count(*) FROM gone",
         &[cutoff.into(), BATCH.into()],
@@ -252,6 +253,7 @@ fn purge_retired(c: &mut SpiClient<'_>) -> FfResult<Value> {
                 WHERE e.flow_id = d.flow_id AND e.dispatched_at_ms IS NOT NULL),
          led AS (DELETE FROM ff_budget_usage_by_exec l USING members m WHERE l.execution_id = m.execution_id),
          gr AS (DELETE FROM ff_claim_grant g USING members m WHERE g.execution_id = m.execution_id),
+         att AS (DELETE FROM ff_attempt a USING members m WHERE a.execution_id = m.execution_id),
          gone AS (DELETE FROM ff_flow_core f USING done d WHERE f.flow_id = d.flow_id RETURNING 1)
          SELECT count(*) FROM gone",
         &[cutoff.into(), (BATCH / 10).into()],
