@@ -4,7 +4,7 @@
 
 use crate::db::{col, col_req, exec, first_row, now_ms, with_spi};
 use crate::error::{required, FfError, FfResult, OrRaise};
-use crate::ids::{check_text_id, clip, ExecutionId, PartitionConfig};
+use crate::ids::{check_text_id, clip, crc16, ExecutionId, PartitionConfig};
 use crate::jsonb::RawJsonb;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -141,11 +141,19 @@ pub fn evaluate(
         }
         new_values.insert(dim.clone(), new);
     }
-    let soft = new_values.iter().find_map(|(dim, new)| {
-        let limit = policy.soft_limit(dim).filter(|soft| new > soft)?;
-        Some(Outcome::SoftBreach { dimension: dim.clone(), current_usage: *new, soft_limit: limit })
-    });
-    Ok((soft.unwrap_or(Outcome::Ok), new_values))
+    Ok((soft_outcome(policy, &new_values), new_values))
+}
+
+/// The outcome of an applied report: the first dimension (by name) whose
+/// new value is over its soft limit, else ok.
+pub fn soft_outcome(policy: &Policy, new_values: &BTreeMap<String, i64>) -> Outcome {
+    new_values
+        .iter()
+        .find_map(|(dim, new)| {
+            let limit = policy.soft_limit(dim).filter(|soft| new > soft)?;
+            Some(Outcome::SoftBreach { dimension: dim.clone(), current_usage: *new, soft_limit: limit })
+        })
+        .unwrap_or(Outcome::Ok)
 }
 
 /// Parses `{"dim": n, ...}` with non-negative integer values.
@@ -346,26 +354,33 @@ pub fn report_usage(
         check_text_id("dedup_key", k)?;
     }
     with_spi(|c| {
-        let cfg = load_partition_config(c)?;
-        let part = cfg.budget_partition(budget_id);
+        let slot = i32::from(crc16(budget_id.as_bytes()));
         let now = now_ms();
         if let Some(key) = dedup_key {
-            if let Some(seen) = claim_dedup_key(c, budget_id, key, part, now)? {
+            if let Some(seen) = claim_dedup_key(c, budget_id, key, slot, now)? {
                 return match replay {
                     Replay::CachedOutcome => Outcome::from_json(&seen),
                     Replay::AlreadyApplied => Ok(Outcome::AlreadyApplied),
                 };
             }
         }
-        let policy = lock_policy(c, budget_id)?;
-        let current = lock_usage(c, budget_id, deltas, part, now)?;
-        let (outcome, _) = evaluate(policy.as_ref().unwrap_or(&Policy::default()), &current, deltas)?;
+        let policy = lock_policy(c, budget_id)?.unwrap_or_default();
+        let outcome = match apply_if_within_limits(c, budget_id, deltas, &policy, now)? {
+            Some(new_values) => soft_outcome(&policy, &new_values),
+            None => {
+                let current = lock_usage(c, budget_id, deltas, slot, now)?;
+                let (outcome, _) = evaluate(&policy, &current, deltas)?;
+                if !matches!(outcome, Outcome::HardBreach { .. }) {
+                    apply_increments(c, budget_id, deltas, now)?;
+                }
+                outcome
+            }
+        };
         match &outcome {
             Outcome::HardBreach { dimension, .. } => record_breach(c, budget_id, dimension, now)?,
             _ => {
-                apply_increments(c, budget_id, deltas, now)?;
                 if let Some(exec_id) = ledger {
-                    add_to_ledger(c, budget_id, exec_id, deltas, part, now)?;
+                    add_to_ledger(c, budget_id, exec_id, deltas, slot, now)?;
                 }
                 if matches!(outcome, Outcome::SoftBreach { .. }) {
                     record_soft_breach(c, budget_id, now)?;
@@ -383,21 +398,62 @@ pub fn report_usage(
     })
 }
 
+/// The common case in one statement: when every dimension already has a
+/// usage row and no increment would pass a hard limit or overflow, apply
+/// them all and return the new values. `None` sends the caller down the
+/// general path (missing rows, a breach, an overflow). Safe because the
+/// policy row lock taken before serialises reports of this budget.
+fn apply_if_within_limits(
+    c: &mut SpiClient<'_>,
+    budget_id: &str,
+    deltas: &BTreeMap<String, i64>,
+    policy: &Policy,
+    now: i64,
+) -> FfResult<Option<BTreeMap<String, i64>>> {
+    let dims: Vec<String> = deltas.keys().cloned().collect();
+    let values: Vec<i64> = deltas.values().copied().collect();
+    let hard: Vec<i64> = dims.iter().map(|d| policy.hard_limit(d).unwrap_or(0)).collect();
+    let t = exec(
+        c,
+        "UPDATE ff_budget_usage u SET current_value = u.current_value + d.delta, updated_at_ms = $5
+         FROM unnest($2::text[], $3::bigint[]) AS d(k, delta)
+         WHERE u.budget_id = $1 AND u.dimensions_key = d.k
+           AND (SELECT count(*) FROM ff_budget_usage c
+                WHERE c.budget_id = $1 AND c.dimensions_key = ANY ($2)) = cardinality($2)
+           AND NOT EXISTS (
+               SELECT 1 FROM ff_budget_usage c
+               JOIN unnest($2::text[], $3::bigint[], $4::bigint[]) AS x(k, delta, hard) ON c.dimensions_key = x.k
+               WHERE c.budget_id = $1
+                 AND (c.current_value > 9223372036854775807 - x.delta
+                      OR (x.hard > 0 AND c.current_value + x.delta > x.hard)))
+         RETURNING u.dimensions_key, u.current_value",
+        &[budget_id.into(), dims.into(), values.into(), hard.into(), now.into()],
+    )?;
+    if t.len() != deltas.len() {
+        return Ok(None);
+    }
+    let mut new_values = BTreeMap::new();
+    for row in t {
+        new_values.insert(row.get::<String>(1)?.unwrap_or_default(), row.get::<i64>(2)?.unwrap_or(0));
+    }
+    Ok(Some(new_values))
+}
+
 /// Claims a dedup key. Returns `None` when this call owns it (first use, or
 /// the old entry expired) and the cached outcome when it was seen before.
 /// A concurrent first use of the same key blocks here until it commits.
-fn claim_dedup_key(c: &mut SpiClient<'_>, budget_id: &str, key: &str, part: i16, now: i64) -> FfResult<Option<Value>> {
+fn claim_dedup_key(c: &mut SpiClient<'_>, budget_id: &str, key: &str, slot: i32, now: i64) -> FfResult<Option<Value>> {
     let claimed = exec(
         c,
         "INSERT INTO ff_budget_usage_dedup AS d (budget_id, dedup_key, partition_key, outcome_json,
              applied_at_ms, expires_at_ms)
-         VALUES ($1, $2, $3, '{}', $4, $5)
+         VALUES ($1, $2, ($3 % (SELECT num_budget_partitions FROM ff_partition_config))::smallint, '{}', $4, $5)
          ON CONFLICT (budget_id, dedup_key) DO UPDATE
              SET outcome_json = '{}', applied_at_ms = EXCLUDED.applied_at_ms,
                  expires_at_ms = EXCLUDED.expires_at_ms
              WHERE d.expires_at_ms <= EXCLUDED.applied_at_ms
          RETURNING 1",
-        &[budget_id.into(), key.into(), part.into(), now.into(), (now + crate::guc::dedup_ttl_ms()).into()],
+        &[budget_id.into(), key.into(), slot.into(), now.into(), (now + crate::guc::dedup_ttl_ms()).into()],
     )?;
     if !claimed.is_empty() {
         return Ok(None);
@@ -427,16 +483,17 @@ fn lock_usage(
     c: &mut SpiClient<'_>,
     budget_id: &str,
     deltas: &BTreeMap<String, i64>,
-    part: i16,
+    slot: i32,
     now: i64,
 ) -> FfResult<BTreeMap<String, i64>> {
     let dims: Vec<String> = deltas.keys().cloned().collect();
     exec(
         c,
         "INSERT INTO ff_budget_usage (budget_id, dimensions_key, partition_key, current_value, updated_at_ms)
-         SELECT $1, k, $3, 0, $4 FROM unnest($2::text[]) AS k
+         SELECT $1, k, ($3 % (SELECT num_budget_partitions FROM ff_partition_config))::smallint, 0, $4
+         FROM unnest($2::text[]) AS k
          ON CONFLICT (budget_id, dimensions_key) DO NOTHING",
-        &[budget_id.into(), dims.clone().into(), part.into(), now.into()],
+        &[budget_id.into(), dims.clone().into(), slot.into(), now.into()],
     )?;
     let t = exec(
         c,
@@ -469,7 +526,7 @@ fn add_to_ledger(
     budget_id: &str,
     exec_id: &ExecutionId,
     deltas: &BTreeMap<String, i64>,
-    part: i16,
+    slot: i32,
     now: i64,
 ) -> FfResult<()> {
     let (dims, values): (Vec<String>, Vec<i64>) = deltas.iter().map(|(k, v)| (k.clone(), *v)).unzip();
@@ -477,7 +534,8 @@ fn add_to_ledger(
         c,
         "INSERT INTO ff_budget_usage_by_exec AS l (budget_id, execution_id, dimensions_key, partition_key,
              delta_total, updated_at_ms)
-         SELECT $1, $2, d.k, $5, d.delta, $6 FROM unnest($3::text[], $4::bigint[]) AS d(k, delta)
+         SELECT $1, $2, d.k, ($5 % (SELECT num_budget_partitions FROM ff_partition_config))::smallint, d.delta, $6
+         FROM unnest($3::text[], $4::bigint[]) AS d(k, delta)
          ON CONFLICT (budget_id, execution_id, dimensions_key) DO UPDATE
              SET delta_total = l.delta_total + EXCLUDED.delta_total, updated_at_ms = EXCLUDED.updated_at_ms",
         &[
@@ -485,7 +543,7 @@ fn add_to_ledger(
             pgrx::Uuid::from_bytes(*exec_id.uuid.as_bytes()).into(),
             dims.into(),
             values.into(),
-            part.into(),
+            slot.into(),
             now.into(),
         ],
     )?;
