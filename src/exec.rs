@@ -8,10 +8,9 @@
 //! - active + leased (`active`): claimed by a worker until lease_expires_at_ms;
 //! - terminal (`completed` / `failed` / `cancelled` / `skipped` / `expired`).
 
-use crate::budget::load_partition_config;
 use crate::db::{col_req, exec, first_row, now_ms, with_spi};
 use crate::error::{required, FfError, FfResult, OrRaise};
-use crate::ids::{check_text_id, clip, ExecutionId};
+use crate::ids::{check_text_id, clip, crc16, ExecutionId};
 use crate::jsonb::RawJsonb;
 use crate::quota;
 use pgrx::prelude::*;
@@ -118,11 +117,11 @@ impl NewExecution {
 /// id that exists already is a no-op that returns the existing id.
 pub fn create_execution(e: &NewExecution) -> FfResult<String> {
     with_spi(|c| {
-        let cfg = load_partition_config(c)?;
-        let partition = match &e.flow_id {
-            Some(flow) => cfg.flow_partition(flow),
-            None => cfg.solo_partition(&e.lane_id),
-        };
+        // The slot is crc16 % num_flow_partitions, taken inside the INSERT.
+        let slot = i32::from(match &e.flow_id {
+            Some(flow) => crc16(flow.as_bytes()),
+            None => crc16(e.lane_id.as_bytes()),
+        });
         let uuid = e.execution_id.unwrap_or_else(uuid::Uuid::new_v4);
         let now = now_ms();
         let delayed = e.delay_until_ms.is_some_and(|d| d > now);
@@ -131,7 +130,8 @@ pub fn create_execution(e: &NewExecution) -> FfResult<String> {
             "INSERT INTO ff_exec_core (execution_id, partition_key, lane_id, payload, priority,
                  required_capabilities, budget_ids, quota_policy_id, max_attempts, eligible_at_ms,
                  lifecycle_phase, eligibility_state, public_state, attempt_state, created_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'runnable',
+             VALUES ($1, ($2 % (SELECT num_flow_partitions FROM ff_partition_config))::smallint,
+                 $3, $4, $5, $6, $7, $8, $9, $10, 'runnable',
                  CASE WHEN $11 THEN 'not_eligible_until_time' ELSE 'eligible_now' END,
                  CASE WHEN $11 THEN 'delayed' ELSE 'waiting' END,
                  'pending_first_attempt', $12)
@@ -139,7 +139,7 @@ pub fn create_execution(e: &NewExecution) -> FfResult<String> {
              RETURNING partition_key",
             &[
                 pg_uuid(&uuid).into(),
-                partition.into(),
+                slot.into(),
                 e.lane_id.as_str().into(),
                 e.payload.into(),
                 e.priority.into(),
@@ -152,11 +152,14 @@ pub fn create_execution(e: &NewExecution) -> FfResult<String> {
                 now.into(),
             ],
         )?;
-        if t.is_empty() {
-            let t = exec(c, "SELECT partition_key FROM ff_exec_core WHERE execution_id = $1", &[pg_uuid(&uuid).into()])?;
-            let row = first_row(t).ok_or_else(|| FfError::internal("execution vanished after a conflict"))?;
-            return Ok(ExecutionId { partition: col_req(&row, 1)?, uuid }.to_string());
-        }
+        let partition: i16 = match first_row(t) {
+            Some(row) => col_req(&row, 1)?,
+            None => {
+                let t = exec(c, "SELECT partition_key FROM ff_exec_core WHERE execution_id = $1", &[pg_uuid(&uuid).into()])?;
+                let row = first_row(t).ok_or_else(|| FfError::internal("execution vanished after a conflict"))?;
+                return Ok(ExecutionId { partition: col_req(&row, 1)?, uuid }.to_string());
+            }
+        };
         if !delayed {
             notify_lane(c, &e.lane_id)?;
         }
