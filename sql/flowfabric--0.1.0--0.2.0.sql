@@ -85,6 +85,13 @@ SELECT pg_catalog.pg_extension_config_dump('ff_reconciler_status', '');
 SELECT pg_catalog.pg_extension_config_dump('ff_exec_core_queue_seq_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ff_completion_event_event_id_seq', '');
 
+-- The claim's pick is parameterised on the lane, the time and the worker's
+-- capabilities; left alone, the plan cache re-plans it on every call. Its one
+-- good plan is the ordered scan of ff_exec_core_claim_idx, so plan it once,
+-- and never let a sort-based plan replace the index order.
+ALTER FUNCTION ff_claim_for_worker(text, text, text, text[], bigint)
+    SET plan_cache_mode = force_generic_plan SET enable_sort = off;
+
 -- Hot tables: rows are updated and deleted all day. Vacuum them early, and
 -- leave free space in pages that take frequent updates so most are HOT.
 ALTER TABLE ff_exec_core SET (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.02,

@@ -364,8 +364,15 @@ pub fn report_usage(
                 };
             }
         }
-        let policy = lock_policy(c, budget_id)?.unwrap_or_default();
-        let outcome = match apply_if_within_limits(c, budget_id, deltas, &policy, now)? {
+        let locked = lock_policy(c, budget_id)?;
+        // Without a policy row nothing serialises reports of this budget, so
+        // only the general path (which locks usage rows in name order) is safe.
+        let fast = match &locked {
+            Some(policy) => apply_if_within_limits(c, budget_id, deltas, policy, now)?,
+            None => None,
+        };
+        let policy = locked.unwrap_or_default();
+        let outcome = match fast {
             Some(new_values) => soft_outcome(&policy, &new_values),
             None => {
                 let current = lock_usage(c, budget_id, deltas, slot, now)?;
@@ -401,8 +408,8 @@ pub fn report_usage(
 /// The common case in one statement: when every dimension already has a
 /// usage row and no increment would pass a hard limit or overflow, apply
 /// them all and return the new values. `None` sends the caller down the
-/// general path (missing rows, a breach, an overflow). Safe because the
-/// policy row lock taken before serialises reports of this budget.
+/// general path (missing rows, a breach, an overflow). Only called with the
+/// policy row locked, which serialises reports of this budget.
 fn apply_if_within_limits(
     c: &mut SpiClient<'_>,
     budget_id: &str,

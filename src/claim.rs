@@ -63,6 +63,11 @@ struct Candidate {
 /// rows locked by other claimers and rows whose budget or quota already
 /// refused in this claim. The active signing key comes back in the same
 /// statement; no key at all fails closed (55000).
+///
+/// The filters are spelled so the planner sees how many rows pass them (an
+/// `eligible_now` row is always due; most rows require no capability): with
+/// the opaque forms it guessed a handful of rows and preferred a bitmap
+/// scan plus sort over the ordered index scan.
 fn pick(
     c: &mut SpiClient<'_>,
     r: &ClaimRequest,
@@ -77,8 +82,8 @@ fn pick(
              SELECT execution_id, partition_key, budget_ids, quota_policy_id FROM ff_exec_core
              WHERE lane_id = $1 AND lifecycle_phase = 'runnable'
                AND eligibility_state IN ('eligible_now', 'not_eligible_until_time')
-               AND eligible_at_ms <= $3
-               AND required_capabilities <@ $2
+               AND (eligibility_state = 'eligible_now' OR eligible_at_ms <= $3)
+               AND (required_capabilities = '{}' OR required_capabilities <@ $2)
                AND NOT (budget_ids && $4)
                AND (quota_policy_id IS NULL OR quota_policy_id <> ALL ($5))
              ORDER BY priority DESC, created_at_ms, queue_seq

@@ -156,14 +156,18 @@ pub fn fire(
             set_group_state(c, flow, downstream, "satisfied")?;
             let t = exec(
                 c,
-                "UPDATE ff_exec_core SET eligibility_state = 'eligible_now', public_state = 'waiting'
+                "UPDATE ff_exec_core
+                 SET eligibility_state = CASE WHEN eligible_at_ms > $2 THEN 'not_eligible_until_time' ELSE 'eligible_now' END,
+                     public_state = CASE WHEN eligible_at_ms > $2 THEN 'delayed' ELSE 'waiting' END
                  WHERE execution_id = $1 AND lifecycle_phase = 'runnable'
                    AND eligibility_state = 'blocked_by_dependencies'
-                 RETURNING lane_id",
-                &[(*downstream).into()],
+                 RETURNING lane_id, eligibility_state = 'eligible_now'",
+                &[(*downstream).into(), now.into()],
             )?;
             if let Some(row) = first_row(t) {
-                notify_lane(c, &col_req::<String>(&row, 1)?)?;
+                if col_req::<bool>(&row, 2)? {
+                    notify_lane(c, &col_req::<String>(&row, 1)?)?;
+                }
             }
             if cancel_remaining {
                 cancel_siblings(c, flow, downstream, trigger, now, follow_up)?;

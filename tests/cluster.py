@@ -60,8 +60,11 @@ class Cluster:
         return self
 
     def start(self):
+        # A production server has no RUST_BACKTRACE; with it, pgrx appends a
+        # Rust backtrace to error details.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RUST_")}
         subprocess.run(_as_postgres([f"{PG_BIN}/pg_ctl", "-D", self.data, "-l", os.path.join(self.dir, "server.log"),
-                                     "-w", "-t", "60", "start"]), check=True, stdout=subprocess.DEVNULL)
+                                     "-w", "-t", "60", "start"]), check=True, stdout=subprocess.DEVNULL, env=env)
         return self
 
     def stop(self, mode="fast", quiet=False):
