@@ -1,0 +1,1 @@
+SELECT ff_lane_channel('x');
