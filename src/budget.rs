@@ -4,7 +4,7 @@
 
 use crate::db::{col, col_req, exec, first_row, now_ms, with_spi};
 use crate::error::{required, FfError, FfResult, OrRaise};
-use crate::ids::{check_text_id, clip, crc16, ExecutionId, PartitionConfig};
+use crate::ids::{check_text_id, clip, crc16, ExecutionId};
 use crate::jsonb::RawJsonb;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -293,30 +293,20 @@ fn non_negative(dim: &str, what: &str, v: i64) -> FfResult<i64> {
 // SPI operations
 // ---------------------------------------------------------------------------
 
-pub fn load_partition_config(c: &mut SpiClient<'_>) -> FfResult<PartitionConfig> {
-    let t = exec(
-        c,
-        "SELECT num_flow_partitions, num_budget_partitions, num_quota_partitions FROM ff_partition_config",
-        &[],
-    )?;
-    let row = first_row(t).ok_or_else(|| FfError::internal("ff_partition_config is empty"))?;
-    Ok(PartitionConfig { flow: col_req(&row, 1)?, budget: col_req(&row, 2)?, quota: col_req(&row, 3)? })
-}
-
 pub fn create_budget(b: &NewBudget) -> FfResult<&'static str> {
     with_spi(|c| {
-        let cfg = load_partition_config(c)?;
         let now = now_ms();
         let next_reset = (b.policy.reset_interval_ms > 0).then(|| now.saturating_add(b.policy.reset_interval_ms));
         let t = exec(
             c,
             "INSERT INTO ff_budget_policy (budget_id, partition_key, policy_json, scope_type, scope_id,
                  enforcement_mode, next_reset_at_ms, created_at_ms, updated_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)
+             VALUES ($1, ($2 % (SELECT num_budget_partitions FROM ff_partition_config))::smallint,
+                     $3, $4, $5, $6, $7, $8, $8)
              ON CONFLICT (budget_id) DO NOTHING RETURNING 1",
             &[
                 b.budget_id.as_str().into(),
-                cfg.budget_partition(&b.budget_id).into(),
+                i32::from(crc16(b.budget_id.as_bytes())).into(),
                 JsonB(b.policy_json()).into(),
                 b.scope_type.as_str().into(),
                 b.scope_id.as_str().into(),

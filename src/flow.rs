@@ -2,12 +2,11 @@
 //! the graph revision and refuses cycles; applying an edge blocks its
 //! downstream until the edge group fires (see `dispatch`).
 
-use crate::budget::load_partition_config;
 use crate::db::{col, col_req, exec, first_row, now_ms, with_spi};
 use crate::dispatch::{bucket, decide, drain, fire, Counts, GroupPolicy};
 use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::exec::{pg_uuid, terminate};
-use crate::ids::{check_text_id, clip, ExecutionId};
+use crate::ids::{check_text_id, clip, crc16, ExecutionId};
 use crate::jsonb::RawJsonb;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -43,12 +42,13 @@ pub fn create_flow(flow: &Uuid, kind: &str, namespace: &str) -> FfResult<&'stati
     check_text_id("flow_kind", kind)?;
     check_text_id("namespace", namespace)?;
     with_spi(|c| {
-        let part = load_partition_config(c)?.flow_partition(&uuid::Uuid::from_bytes(*flow.as_bytes()));
+        let slot = i32::from(crc16(flow.as_bytes()));
         let t = exec(
             c,
             "INSERT INTO ff_flow_core (flow_id, partition_key, flow_kind, namespace, created_at_ms)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (flow_id) DO NOTHING RETURNING 1",
-            &[(*flow).into(), part.into(), kind.into(), namespace.into(), now_ms().into()],
+             VALUES ($1, ($2 % (SELECT num_flow_partitions FROM ff_partition_config))::smallint, $3, $4, $5)
+             ON CONFLICT (flow_id) DO NOTHING RETURNING 1",
+            &[(*flow).into(), slot.into(), kind.into(), namespace.into(), now_ms().into()],
         )?;
         Ok(if t.is_empty() { "already_satisfied" } else { "created" })
     })

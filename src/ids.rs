@@ -22,34 +22,9 @@ pub fn partition_of(bytes: &[u8], count: i32) -> i16 {
     (crc16(bytes) as i32 % count.max(1)) as i16
 }
 
-/// Partition counts, kept in the one-row `ff_partition_config` table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PartitionConfig {
-    pub flow: i32,
-    pub budget: i32,
-    pub quota: i32,
-}
-
-impl Default for PartitionConfig {
-    fn default() -> Self {
-        PartitionConfig { flow: 256, budget: 32, quota: 32 }
-    }
-}
-
-impl PartitionConfig {
-    pub fn flow_partition(&self, flow_id: &Uuid) -> i16 {
-        partition_of(flow_id.as_bytes(), self.flow)
-    }
-    pub fn solo_partition(&self, lane_id: &str) -> i16 {
-        partition_of(lane_id.as_bytes(), self.flow)
-    }
-    pub fn budget_partition(&self, budget_id: &str) -> i16 {
-        partition_of(budget_id.as_bytes(), self.budget)
-    }
-    pub fn quota_partition(&self, quota_policy_id: &str) -> i16 {
-        partition_of(quota_policy_id.as_bytes(), self.quota)
-    }
-}
+// Slots are `crc16(id) % N`; the N's live in `ff_partition_config` and the
+// modulo is taken inside the INSERT that stores the slot, so no call reads
+// the config table separately.
 
 /// `{fp:N}`: the hash tag of a flow partition (shared by its executions).
 pub fn flow_tag(partition: i16) -> String {
@@ -148,12 +123,12 @@ mod tests {
 
     #[test]
     fn flowfabric_vectors() {
-        let cfg = PartitionConfig::default();
         let u = Uuid::parse_str("550e8400-e29b-41d4-a716-446655440000").unwrap();
         assert_eq!(crc16(u.as_bytes()), 36888);
-        assert_eq!(cfg.flow_partition(&u), 24);
-        assert_eq!(cfg.solo_partition("workers-a"), 193);
-        assert_eq!(cfg.solo_partition("default"), 86);
+        assert_eq!(partition_of(u.as_bytes(), 256), 24);
+        assert_eq!(partition_of(u.as_bytes(), 32), 24);
+        assert_eq!(partition_of(b"workers-a", 256), 193);
+        assert_eq!(partition_of(b"default", 256), 86);
     }
 
     #[test]

@@ -1,10 +1,9 @@
 //! Quota policies: a sliding window of admissions and a concurrency cap,
 //! both enforced when a claim admits an execution.
 
-use crate::budget::load_partition_config;
 use crate::db::{col_req, exec, first_row, now_ms, with_spi};
 use crate::error::{required, FfError, FfResult, OrRaise};
-use crate::ids::check_text_id;
+use crate::ids::{check_text_id, crc16};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
@@ -41,17 +40,17 @@ impl QuotaPolicy {
 
 pub fn create_quota_policy(q: &QuotaPolicy) -> FfResult<&'static str> {
     with_spi(|c| {
-        let part = load_partition_config(c)?.quota_partition(&q.id);
         let now = now_ms();
         let t = exec(
             c,
             "INSERT INTO ff_quota_policy (quota_policy_id, partition_key, requests_per_window_seconds,
                  max_requests_per_window, active_concurrency_cap, created_at_ms, updated_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $6)
+             VALUES ($1, ($2 % (SELECT num_quota_partitions FROM ff_partition_config))::smallint,
+                     $3, $4, $5, $6, $6)
              ON CONFLICT (quota_policy_id) DO NOTHING RETURNING 1",
             &[
                 q.id.as_str().into(),
-                part.into(),
+                i32::from(crc16(q.id.as_bytes())).into(),
                 q.window_seconds.into(),
                 q.max_requests_per_window.into(),
                 q.max_concurrent.into(),
