@@ -2,11 +2,37 @@
 # Builds the extension and installs it into the system PostgreSQL 15, with
 # the archived install scripts of earlier versions so they can be created
 # and upgraded from. Pass --release for an optimised build.
+#
+# A running server keeps the old library mapped, so nothing is written over
+# it: every file is copied under a temporary name in its target directory
+# and then renamed into place (the old inode lives on until the server lets
+# go of it; new backends load the new file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PGRX_HOME="$PWD/pgrx-config"
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-cargo pgrx install "$@" --pg-config "$PG_CONFIG" ${SUDO:+--sudo} >/dev/null
-$SUDO cp sql/archive/flowfabric--*.sql "$("$PG_CONFIG" --sharedir)/extension/"
+
+profile=(--debug)
+out="$PWD/target/install-debug"
+if [ "${1:-}" = "--release" ]; then
+  profile=()
+  out="$PWD/target/install-release"
+fi
+rm -rf "$out"
+cargo pgrx package "${profile[@]}" --pg-config "$PG_CONFIG" --out-dir "$out" >/dev/null
+
+# install_atomically SOURCE TARGET_DIR: copy under a temporary name, then rename.
+install_atomically() {
+  local src="$1" dir="$2" name tmp
+  name="$(basename "$src")"
+  tmp="$dir/.${name}.tmp.$$"
+  $SUDO install -m 0644 "$src" "$tmp"
+  $SUDO mv -f "$tmp" "$dir/$name"
+}
+
+pkglibdir="$("$PG_CONFIG" --pkglibdir)"
+extdir="$("$PG_CONFIG" --sharedir)/extension"
+for f in "$out$pkglibdir"/*; do install_atomically "$f" "$pkglibdir"; done
+for f in "$out$extdir"/* sql/archive/flowfabric--*.sql; do install_atomically "$f" "$extdir"; done

@@ -1,4 +1,27 @@
--- flowfabric schema, part 3: executions, attempts and claim grants.
+-- flowfabric schema, part 3: lanes, capability sets, executions, attempts
+-- and claim grants.
+--
+-- Execution state is written by exec.rs only; the columns keep FlowFabric's
+-- literals (lifecycle_phase / eligibility_state / public_state). There are
+-- no CHECK constraints on this hot table: PostgreSQL re-parses them on every
+-- write, and the one module that writes the states guarantees them.
+
+-- A lane exists once anything names it; `paused` stops its claims.
+CREATE TABLE ff_lane (
+    lane_id        text PRIMARY KEY,
+    paused         boolean NOT NULL DEFAULT false,
+    paused_at_ms   bigint,
+    created_at_ms  bigint NOT NULL
+);
+
+-- Each distinct set of required capabilities gets a small id, so the claim
+-- index can keep the sets apart and a worker only looks at the sets its
+-- capabilities satisfy. Sets are never deleted (ids are referenced by rows).
+CREATE TABLE ff_capability_set (
+    cap_set_id     int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    capabilities   text[] NOT NULL UNIQUE
+);
+INSERT INTO ff_capability_set (capabilities) VALUES ('{}');
 
 CREATE TABLE ff_exec_core (
     execution_id               uuid PRIMARY KEY,
@@ -6,26 +29,32 @@ CREATE TABLE ff_exec_core (
     queue_seq                  bigint GENERATED ALWAYS AS IDENTITY,
     partition_key              smallint NOT NULL,
     flow_id                    uuid,
+    node_name                  text,
     lane_id                    text NOT NULL,
     namespace                  text NOT NULL DEFAULT 'default',
     instance_tag               text,
     required_capabilities      text[] NOT NULL DEFAULT '{}',
+    cap_set_id                 int NOT NULL DEFAULT 1,
     budget_ids                 text[] NOT NULL DEFAULT '{}',
+    -- {"dim": n}: held against every strict budget while leased.
+    budget_reserve             jsonb,
     quota_policy_id            text,
+    unique_key                 text,
     priority                   int NOT NULL DEFAULT 0,
-    lifecycle_phase            text NOT NULL
-        CHECK (lifecycle_phase IN ('runnable', 'active', 'terminal')),
-    ownership_state            text NOT NULL DEFAULT 'unowned'
-        CHECK (ownership_state IN ('unowned', 'leased')),
-    eligibility_state          text NOT NULL
-        CHECK (eligibility_state IN ('eligible_now', 'not_eligible_until_time',
-                                     'blocked_by_dependencies', 'not_applicable')),
+    lifecycle_phase            text NOT NULL,
+    ownership_state            text NOT NULL DEFAULT 'unowned',
+    eligibility_state          text NOT NULL,
     public_state               text NOT NULL,
     attempt_state              text NOT NULL,
-    terminal_outcome           text
-        CHECK (terminal_outcome IN ('success', 'failed', 'cancelled', 'skipped', 'expired')),
+    terminal_outcome           text,
     attempt_index              int NOT NULL DEFAULT 0,
-    max_attempts               int NOT NULL DEFAULT 1 CHECK (max_attempts >= 1),
+    -- Attempts before the current allowance (ff_retry_execution moves it):
+    -- another attempt is allowed while attempt_index - attempt_offset < max_attempts.
+    attempt_offset             int NOT NULL DEFAULT 0,
+    max_attempts               int NOT NULL DEFAULT 1,
+    retry_base_ms              bigint NOT NULL DEFAULT 1000,
+    retry_max_ms               bigint NOT NULL DEFAULT 60000,
+    retry_jitter               boolean NOT NULL DEFAULT true,
     -- Not claimable before this time (delay_until_ms, retry backoff).
     eligible_at_ms             bigint NOT NULL DEFAULT 0,
     payload                    jsonb,
@@ -41,9 +70,10 @@ CREATE TABLE ff_exec_core (
     current_grant_id           bytea
 );
 
--- The claim pick: best runnable execution of a lane, one index range scan.
+-- The claim pick: best runnable execution of a lane and capability set, one
+-- index range scan per set the worker satisfies.
 CREATE INDEX ff_exec_core_claim_idx
-    ON ff_exec_core (lane_id, priority DESC, created_at_ms, queue_seq)
+    ON ff_exec_core (lane_id, cap_set_id, priority DESC, created_at_ms, queue_seq)
     WHERE lifecycle_phase = 'runnable'
       AND eligibility_state IN ('eligible_now', 'not_eligible_until_time');
 CREATE INDEX ff_exec_core_lease_expiry_idx ON ff_exec_core (lease_expires_at_ms)
@@ -51,6 +81,12 @@ CREATE INDEX ff_exec_core_lease_expiry_idx ON ff_exec_core (lease_expires_at_ms)
 CREATE INDEX ff_exec_core_delayed_idx ON ff_exec_core (eligible_at_ms)
     WHERE eligibility_state = 'not_eligible_until_time';
 CREATE INDEX ff_exec_core_flow_idx ON ff_exec_core (flow_id) WHERE flow_id IS NOT NULL;
+-- Node names are unique within a flow.
+CREATE UNIQUE INDEX ff_exec_core_node_name_idx ON ff_exec_core (flow_id, node_name)
+    WHERE node_name IS NOT NULL;
+-- unique_key: one live execution per lane and key.
+CREATE UNIQUE INDEX ff_exec_core_unique_key_idx ON ff_exec_core (lane_id, unique_key)
+    WHERE unique_key IS NOT NULL AND lifecycle_phase <> 'terminal';
 
 -- No foreign key to ff_exec_core: its check would cost every claim a lookup,
 -- and attempts are only ever written next to their execution.
@@ -74,7 +110,7 @@ CREATE TABLE ff_claim_grant (
     grant_id            bytea PRIMARY KEY,
     partition_key       smallint NOT NULL,
     execution_id        uuid NOT NULL,
-    kind                text NOT NULL DEFAULT 'claim' CHECK (kind IN ('claim', 'reclaim')),
+    kind                text NOT NULL DEFAULT 'claim',
     worker_id           text NOT NULL,
     worker_instance_id  text NOT NULL,
     lane_id             text NOT NULL,
@@ -83,5 +119,4 @@ CREATE TABLE ff_claim_grant (
     issued_at_ms        bigint NOT NULL,
     expires_at_ms       bigint NOT NULL
 );
-CREATE INDEX ff_claim_grant_execution_idx ON ff_claim_grant (execution_id);
 CREATE INDEX ff_claim_grant_expiry_idx ON ff_claim_grant (expires_at_ms);

@@ -7,6 +7,9 @@ UPDATE ff_waitpoint_hmac SET seeded = true;
 -- Engine state is data to pg_dump, not part of the extension's definition.
 -- One call per statement: each rewrites the extension's catalog row.
 SELECT pg_catalog.pg_extension_config_dump('ff_partition_config', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_lane', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_capability_set', 'WHERE cap_set_id > 1');
+SELECT pg_catalog.pg_extension_config_dump('ff_capability_set_cap_set_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ff_waitpoint_hmac', '');
 SELECT pg_catalog.pg_extension_config_dump('ff_exec_core', '');
 SELECT pg_catalog.pg_extension_config_dump('ff_attempt', '');
@@ -32,6 +35,8 @@ SELECT pg_catalog.pg_extension_config_dump('ff_completion_event_event_id_seq', '
 -- and never let a sort-based plan replace the index order.
 ALTER FUNCTION ff_claim_for_worker(text, text, text, text[], bigint)
     SET plan_cache_mode = force_generic_plan SET enable_sort = off;
+ALTER FUNCTION ff_claim_batch(text[], text, text, text[], bigint, int)
+    SET plan_cache_mode = force_generic_plan SET enable_sort = off;
 
 -- Hot tables: rows are updated and deleted all day. Vacuum them early, and
 -- leave free space in pages that take frequent updates so most are HOT.
@@ -42,6 +47,8 @@ ALTER TABLE ff_claim_grant SET (autovacuum_vacuum_scale_factor = 0.02, autovacuu
 ALTER TABLE ff_completion_event SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_delay = 0);
 ALTER TABLE ff_budget_usage_dedup SET (autovacuum_vacuum_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 0);
 ALTER TABLE ff_quota_window SET (autovacuum_vacuum_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 0);
+ALTER TABLE ff_quota_admitted SET (autovacuum_vacuum_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 0);
+ALTER TABLE ff_budget_usage_by_exec SET (autovacuum_vacuum_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 0);
 ALTER TABLE ff_budget_usage SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0,
     autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 0);
 ALTER TABLE ff_budget_policy SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0,
@@ -62,7 +69,7 @@ DO $$
 DECLARE
     ext oid := (SELECT oid FROM pg_extension WHERE extname = 'flowfabric');
     worker_functions text[] := ARRAY[
-        'ff_claim_for_worker', 'ff_renew_lease', 'ff_complete_execution', 'ff_fail_execution',
+        'ff_claim_for_worker', 'ff_claim_batch', 'ff_renew_lease', 'ff_complete_execution', 'ff_fail_execution',
         'ff_report_usage', 'ff_record_spend', 'ff_verify_grant', 'ff_get_execution', 'ff_lane_channel'];
     f record;
     t record;
@@ -73,6 +80,8 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'flowfabric_admin') THEN
         CREATE ROLE flowfabric_admin NOLOGIN;
     END IF;
+    -- The roles may use the schema; only its owner may create in it.
+    GRANT USAGE ON SCHEMA flowfabric TO flowfabric_worker, flowfabric_admin;
     FOR f IN
         SELECT p.oid::regprocedure AS sig, p.proname, p.prorettype = 'trigger'::regtype AS is_trigger
         FROM pg_depend d JOIN pg_proc p ON p.oid = d.objid

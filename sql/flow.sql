@@ -6,14 +6,29 @@ CREATE TABLE ff_flow_core (
     flow_kind          text NOT NULL DEFAULT 'dag',
     namespace          text NOT NULL DEFAULT 'default',
     graph_revision     bigint NOT NULL DEFAULT 0,
+    -- open until every member is terminal, then completed / failed / cancelled.
     public_flow_state  text NOT NULL DEFAULT 'open'
         CHECK (public_flow_state IN ('open', 'completed', 'failed', 'cancelled')),
     node_count         int NOT NULL DEFAULT 0,
     edge_count         int NOT NULL DEFAULT 0,
+    -- Members not terminal yet, and members that ended failed or expired.
+    live_count         int NOT NULL DEFAULT 0,
+    failed_count       int NOT NULL DEFAULT 0,
     cancel_reason      text,
+    -- Set by ff_cancel_flow; members it could not end at once (held by an
+    -- open transaction) are ended by the reconciler.
+    cancel_requested_at_ms bigint,
+    -- ff_submit_flow: digest of the spec and the answer it gave, so a
+    -- re-submission is recognised.
+    submit_digest      text,
+    submit_answer      jsonb,
     created_at_ms      bigint NOT NULL,
     terminal_at_ms     bigint
 );
+CREATE INDEX ff_flow_core_cancelling_idx ON ff_flow_core (flow_id)
+    WHERE cancel_requested_at_ms IS NOT NULL AND live_count > 0;
+CREATE INDEX ff_flow_core_terminal_idx ON ff_flow_core (terminal_at_ms)
+    WHERE public_flow_state <> 'open';
 
 CREATE TABLE ff_edge (
     flow_id           uuid NOT NULL REFERENCES ff_flow_core ON DELETE CASCADE,
@@ -33,23 +48,31 @@ CREATE TABLE ff_edge (
 );
 CREATE INDEX ff_edge_upstream_idx ON ff_edge (upstream_eid);
 CREATE INDEX ff_edge_downstream_idx ON ff_edge (downstream_eid);
+-- Applied edges still waiting on their upstream (what the repair pass checks).
+CREATE INDEX ff_edge_unresolved_idx ON ff_edge (upstream_eid)
+    WHERE edge_state = 'applied' AND resolution IS NULL;
 
+-- The inbound edges of one downstream. Counts: staged but not applied
+-- (pending), applied and waiting (running), and resolved by outcome.
 CREATE TABLE ff_edge_group (
-    flow_id                          uuid NOT NULL REFERENCES ff_flow_core ON DELETE CASCADE,
-    downstream_eid                   uuid NOT NULL,
-    partition_key                    smallint NOT NULL,
-    policy                           jsonb NOT NULL DEFAULT '{"kind":"all_of"}',
-    success_count                    int NOT NULL DEFAULT 0,
-    fail_count                       int NOT NULL DEFAULT 0,
-    skip_count                       int NOT NULL DEFAULT 0,
-    running_count                    int NOT NULL DEFAULT 0,
+    flow_id          uuid NOT NULL REFERENCES ff_flow_core ON DELETE CASCADE,
+    downstream_eid   uuid NOT NULL,
+    partition_key    smallint NOT NULL,
+    policy           jsonb NOT NULL DEFAULT '{"kind":"all_of"}',
+    pending_count    int NOT NULL DEFAULT 0,
+    running_count    int NOT NULL DEFAULT 0,
+    success_count    int NOT NULL DEFAULT 0,
+    fail_count       int NOT NULL DEFAULT 0,
+    skip_count       int NOT NULL DEFAULT 0,
     -- pending until the group fires once, then satisfied or impossible for good.
-    group_state                      text NOT NULL DEFAULT 'pending'
+    group_state      text NOT NULL DEFAULT 'pending'
         CHECK (group_state IN ('pending', 'satisfied', 'impossible')),
-    cancel_siblings_pending_flag     boolean NOT NULL DEFAULT false,
-    cancel_siblings_pending_members  text[] NOT NULL DEFAULT '{}',
+    -- The decision has been carried out on the downstream (and siblings).
+    settled          boolean NOT NULL DEFAULT false,
     PRIMARY KEY (flow_id, downstream_eid)
 );
+CREATE INDEX ff_edge_group_unsettled_idx ON ff_edge_group (flow_id)
+    WHERE group_state <> 'pending' AND NOT settled;
 
 CREATE TABLE ff_completion_event (
     event_id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -66,4 +89,3 @@ CREATE TABLE ff_completion_event (
 );
 CREATE INDEX ff_completion_event_pending_idx ON ff_completion_event (event_id)
     WHERE dispatched_at_ms IS NULL;
-CREATE INDEX ff_completion_event_execution_idx ON ff_completion_event (execution_id);

@@ -29,18 +29,17 @@ WHERE dispatched_at_ms IS NULL;
 COMMENT ON VIEW ff_stale_completion_events IS 'Completion events not dispatched yet, with their age.';
 
 CREATE VIEW ff_budget_health AS
-SELECT p.budget_id, d.dimension, coalesce(u.current_value, 0) AS current_usage, d.hard_limit, d.soft_limit,
-       CASE WHEN d.hard_limit > 0 AND coalesce(u.current_value, 0) >= d.hard_limit THEN 'at_or_over_hard_limit'
-            WHEN d.soft_limit > 0 AND coalesce(u.current_value, 0) > d.soft_limit THEN 'over_soft_limit'
-            WHEN d.hard_limit > 0 AND coalesce(u.current_value, 0) >= d.hard_limit * 0.9 THEN 'near_hard_limit'
+SELECT u.budget_id, u.dimensions_key AS dimension, u.current_value AS current_usage,
+       coalesce(r.reserved, 0)::bigint AS reserved, u.hard_limit, u.soft_limit, p.enforcement_mode,
+       CASE WHEN u.hard_limit > 0 AND u.current_value >= u.hard_limit THEN 'at_or_over_hard_limit'
+            WHEN u.soft_limit > 0 AND u.current_value > u.soft_limit THEN 'over_soft_limit'
+            WHEN u.hard_limit > 0 AND u.current_value + coalesce(r.reserved, 0) >= u.hard_limit * 0.9
+                THEN 'near_hard_limit'
             ELSE 'ok' END AS status
-FROM ff_budget_policy p
-CROSS JOIN LATERAL (
-    SELECT k AS dimension,
-           coalesce((p.policy_json -> 'hard_limits' ->> k)::bigint, 0) AS hard_limit,
-           coalesce((p.policy_json -> 'soft_limits' ->> k)::bigint, 0) AS soft_limit
-    FROM (SELECT jsonb_object_keys(p.policy_json -> 'hard_limits') AS k
-          UNION SELECT jsonb_object_keys(p.policy_json -> 'soft_limits')) keys
-) d
-LEFT JOIN ff_budget_usage u ON u.budget_id = p.budget_id AND u.dimensions_key = d.dimension;
-COMMENT ON VIEW ff_budget_health IS 'Usage against limits per budget dimension: ok, near_hard_limit, over_soft_limit, at_or_over_hard_limit.';
+FROM ff_budget_usage u
+JOIN ff_budget_policy p ON p.budget_id = u.budget_id
+LEFT JOIN LATERAL (
+    SELECT sum(l.reserved) AS reserved FROM ff_budget_usage_by_exec l
+    WHERE l.budget_id = u.budget_id AND l.dimensions_key = u.dimensions_key AND l.reserved > 0
+) r ON true;
+COMMENT ON VIEW ff_budget_health IS 'Usage and reservations against limits per budget dimension: ok, near_hard_limit (usage + reserved >= 90 %), over_soft_limit, at_or_over_hard_limit.';

@@ -51,20 +51,27 @@ pub extern "C-unwind" fn ff_reconciler_main(_arg: pg_sys::Datum) {
     log!("flowfabric reconciler in database \"{db}\" stopping");
 }
 
-/// The schema holding the extension in this database, if it is installed.
-fn extension_schema() -> Option<String> {
-    Spi::get_one::<String>(
-        "SELECT n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
-         WHERE e.extname = 'flowfabric'",
+/// Every statement the worker runs resolves names only through pg_catalog
+/// and the extension's own schema: the worker is a superuser, and any other
+/// schema on its path (public, say) could hold a look-alike operator that
+/// would then run with its rights. Set first thing in every transaction.
+const PINNED_PATH: &str = "SET LOCAL search_path = flowfabric, pg_temp";
+
+fn extension_installed() -> bool {
+    Spi::get_one::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension
+                        WHERE extname OPERATOR(pg_catalog.=) 'flowfabric')",
     )
     .ok()
     .flatten()
+    .unwrap_or(false)
 }
 
 fn one_pass() {
-    let Some(schema) = extension_schema() else { return };
-    let schema = spi::quote_identifier(&schema);
-    let pass = in_subtransaction(|| Spi::get_one::<JsonB>(&format!("SELECT {schema}.ff_run_reconcilers()")));
+    if Spi::run(PINNED_PATH).is_err() || !extension_installed() {
+        return;
+    }
+    let pass = in_subtransaction(|| Spi::get_one::<JsonB>("SELECT ff_run_reconcilers()"));
     let (counts, error) = match pass {
         Ok(Ok(counts)) => (counts.map(|j| j.0), None),
         Ok(Err(e)) => (None, Some(e.to_string())),
@@ -73,12 +80,11 @@ fn one_pass() {
     if let Some(e) = &error {
         warning!("flowfabric reconciler pass failed: {e}");
     }
-    record_status(&schema, counts, error);
+    record_status(counts, error);
 }
 
-fn record_status(schema: &str, counts: Option<serde_json::Value>, error: Option<String>) {
-    let sql = format!(
-        "INSERT INTO {schema}.ff_reconciler_status AS s (runner, pid, last_pass_at_ms, passes, last_counts,
+fn record_status(counts: Option<serde_json::Value>, error: Option<String>) {
+    let sql = "INSERT INTO ff_reconciler_status AS s (runner, pid, last_pass_at_ms, passes, last_counts,
              last_error, last_error_at_ms, errors)
          VALUES ('bgworker', pg_backend_pid(), (extract(epoch FROM clock_timestamp()) * 1000)::bigint, 1, $1,
                  $2, CASE WHEN $2 IS NULL THEN NULL ELSE (extract(epoch FROM clock_timestamp()) * 1000)::bigint END,
@@ -87,9 +93,8 @@ fn record_status(schema: &str, counts: Option<serde_json::Value>, error: Option<
              passes = s.passes + 1, last_counts = coalesce(EXCLUDED.last_counts, s.last_counts),
              last_error = coalesce(EXCLUDED.last_error, s.last_error),
              last_error_at_ms = coalesce(EXCLUDED.last_error_at_ms, s.last_error_at_ms),
-             errors = s.errors + EXCLUDED.errors"
-    );
-    let recorded = in_subtransaction(|| Spi::run_with_args(&sql, &[counts.map(JsonB).into(), error.into()]));
+             errors = s.errors + EXCLUDED.errors";
+    let recorded = in_subtransaction(|| Spi::run_with_args(sql, &[counts.map(JsonB).into(), error.into()]));
     if !matches!(recorded, Ok(Ok(()))) {
         warning!("flowfabric reconciler could not record its status");
     }

@@ -102,3 +102,41 @@ pub fn in_subtransaction<T>(f: impl FnOnce() -> T) -> Result<T, pgrx::pg_sys::pa
         outcome
     }
 }
+
+/// Runs `f` in a subtransaction that is kept only when `f` succeeds with
+/// `Ok(Ok(_))`. A refusal (`Ok(Err(_))`) or an error rolls it back, and with
+/// it every row lock `f` took, so a refused claim candidate leaves nothing
+/// behind. Errors are passed on unchanged (PostgreSQL errors re-raised with
+/// their SQLSTATE).
+pub fn attempt<T, E>(f: impl FnOnce() -> FfResult<Result<T, E>>) -> FfResult<Result<T, E>> {
+    use pgrx::pg_sys;
+    use pgrx::pg_sys::panic::CaughtError;
+    // SAFETY: the internal-subtransaction protocol, as in `in_subtransaction`.
+    unsafe {
+        let ctx = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(ctx);
+        let outcome = pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(move || Ok(f())))
+            .catch_others(|e| match e {
+                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) | CaughtError::RustPanic { ereport: r, .. } => {
+                    Err(r)
+                }
+            })
+            .execute();
+        let keep = matches!(outcome, Ok(Ok(Ok(_))));
+        if keep {
+            pg_sys::ReleaseCurrentSubTransaction();
+        } else {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        }
+        pg_sys::MemoryContextSwitchTo(ctx);
+        pg_sys::CurrentResourceOwner = owner;
+        match outcome {
+            Ok(result) => result,
+            // Re-raise as pgrx raises errors: a panic carrying the report,
+            // turned back into the same ERROR at the function boundary.
+            Err(report) => std::panic::panic_any(report),
+        }
+    }
+}

@@ -1,17 +1,30 @@
-//! The completion cascade: a completion event advances the edge groups of
-//! its execution's outgoing edges; a group that fires makes its downstream
-//! eligible (maybe cancelling still-running siblings) or skips it, and skips
-//! and cancellations emit events of their own. Everything runs in the
-//! caller's transaction, so a cascade is applied whole or not at all.
+//! The completion cascade. An execution that ends resolves the applied edges
+//! leaving it; each edge group counts the resolution and, the first time
+//! its decision is reached, fires: a satisfied group makes its downstream
+//! claimable (and with `cancel_remaining` cancels the siblings still
+//! running), an impossible one skips its downstream. Skips and cancellations
+//! end executions, which resolve their own edges in the next wave.
+//!
+//! Everything runs under the flow's lock in the caller's transaction, so a
+//! cascade is applied whole or not at all, and nothing else changes the
+//! flow's graph meanwhile. Members are taken with SKIP LOCKED (a worker may
+//! hold one while it waits for the flow): what is skipped leaves its group
+//! unsettled, and the repair reconciler finishes it.
+//!
+//! Each wave is set-based (a few statements however wide) and runs in its
+//! own SPI connection, so a cascade of any length uses bounded memory.
 
 use crate::db::{col, col_req, exec, first_row, now_ms, with_spi};
 use crate::error::{required, FfError, FfResult, OrRaise};
-use crate::exec::{from_pg_uuid, notify_lane, terminate};
+use crate::exec::{self, Bucket, Ended, Ending, Outcome, Wait};
+use crate::flow::{self, FlowLock};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
 use serde_json::Value;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet};
+
+type Uuid = pgrx::Uuid;
 
 /// How an edge group decides, from `ff_edge_group.policy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,9 +62,12 @@ impl GroupPolicy {
         }
     }
 
-    /// Reads a stored policy; anything unreadable counts as all_of.
-    pub fn from_stored(v: &Value) -> GroupPolicy {
-        GroupPolicy::parse(v).unwrap_or(GroupPolicy::AllOf)
+    /// Reads a stored policy; one that does not parse was written around the
+    /// API and is reported as corrupt data (XX001).
+    pub fn from_stored(v: &Value) -> FfResult<GroupPolicy> {
+        GroupPolicy::parse(v).map_err(|e| {
+            FfError::new(pgrx::PgSqlErrorCode::ERRCODE_DATA_CORRUPTED, format!("stored edge group policy is corrupt: {}", e.message))
+        })
     }
 
     pub fn to_json(self) -> Value {
@@ -68,13 +84,15 @@ impl GroupPolicy {
     }
 }
 
-/// Counts of a group's applied inbound edges by how their upstream ended.
+/// Inbound edges of one downstream: staged but not applied (`pending`),
+/// applied and waiting on their upstream (`running`), and resolved.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
+    pub pending: i32,
+    pub running: i32,
     pub success: i32,
     pub fail: i32,
     pub skip: i32,
-    pub running: i32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,8 +102,12 @@ pub enum Decision {
     Impossible,
 }
 
+/// A group's decision. Edges staged but not applied yet count as still
+/// waiting, so a group built edge by edge cannot fire before its last edge
+/// is applied.
 pub fn decide(policy: GroupPolicy, n: Counts) -> Decision {
-    let total = n.success + n.fail + n.skip + n.running;
+    let waiting = n.pending + n.running;
+    let total = waiting + n.success + n.fail + n.skip;
     let nonsuccess = n.fail + n.skip;
     match policy {
         GroupPolicy::AllOf if total > 0 && n.success == total => Decision::Satisfied { cancel_remaining: false },
@@ -98,188 +120,319 @@ pub fn decide(policy: GroupPolicy, n: Counts) -> Decision {
     }
 }
 
-/// The bucket an upstream outcome counts in: success, skip, or fail.
-pub fn bucket(outcome: &str) -> &'static str {
-    match outcome {
-        "success" => "success",
-        "skipped" => "skip",
-        _ => "fail",
+/// A change to the counters of one group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Delta {
+    pub pending: i32,
+    pub running: i32,
+    pub success: i32,
+    pub fail: i32,
+    pub skip: i32,
+}
+
+impl Delta {
+    /// An edge leaves `from` (pending or running) resolved as `bucket`, or
+    /// (with `None`) starts running.
+    pub fn resolve(from_pending: bool, bucket: Option<Bucket>) -> Delta {
+        let mut d = Delta::default();
+        if from_pending {
+            d.pending = -1;
+        } else {
+            d.running = -1;
+        }
+        match bucket {
+            None => d.running += 1,
+            Some(Bucket::Success) => d.success = 1,
+            Some(Bucket::Fail) => d.fail = 1,
+            Some(Bucket::Skip) => d.skip = 1,
+        }
+        d
+    }
+
+    fn only_starts_waiting(&self) -> bool {
+        self.success == 0 && self.fail == 0 && self.skip == 0 && self.running > 0
+    }
+
+    fn add(&mut self, o: Delta) {
+        self.pending += o.pending;
+        self.running += o.running;
+        self.success += o.success;
+        self.fail += o.fail;
+        self.skip += o.skip;
     }
 }
 
-/// Counts one resolved edge into its group and fires the group the first
-/// time its decision is reached. Events of executions skipped or cancelled
-/// by the firing go to `follow_up`.
-pub fn resolve_edge(
-    c: &mut SpiClient<'_>,
-    flow: &pgrx::Uuid,
-    downstream: &pgrx::Uuid,
-    upstream: &pgrx::Uuid,
-    resolution: &str,
-    now: i64,
-    follow_up: &mut VecDeque<i64>,
-) -> FfResult<()> {
+/// The one place edge resolutions are counted, for `apply` and for the
+/// cascade alike: adds the deltas to their groups and fires each group that
+/// reaches its decision now. Executions the firing ends go to `ended`.
+pub fn count(c: &mut SpiClient<'_>, lock: &FlowLock, deltas: &BTreeMap<[u8; 16], (Uuid, Delta)>, now: i64, ended: &mut Vec<Ended>) -> FfResult<()> {
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    let (mut downs, mut p, mut r, mut s, mut f, mut k) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for (down, d) in deltas.values() {
+        downs.push(*down);
+        p.push(d.pending);
+        r.push(d.running);
+        s.push(d.success);
+        f.push(d.fail);
+        k.push(d.skip);
+    }
     let t = exec(
         c,
-        "UPDATE ff_edge_group SET
-             success_count = success_count + (CASE WHEN $3 = 'success' THEN 1 ELSE 0 END),
-             fail_count = fail_count + (CASE WHEN $3 = 'fail' THEN 1 ELSE 0 END),
-             skip_count = skip_count + (CASE WHEN $3 = 'skip' THEN 1 ELSE 0 END),
-             running_count = greatest(running_count - 1, 0)
-         WHERE flow_id = $1 AND downstream_eid = $2
-         RETURNING policy, success_count, fail_count, skip_count, running_count, group_state",
-        &[(*flow).into(), (*downstream).into(), resolution.into()],
+        "UPDATE ff_edge_group g SET pending_count = g.pending_count + d.p, running_count = g.running_count + d.r,
+             success_count = g.success_count + d.s, fail_count = g.fail_count + d.f, skip_count = g.skip_count + d.k
+         FROM unnest($2::uuid[], $3::int[], $4::int[], $5::int[], $6::int[], $7::int[]) AS d(down, p, r, s, f, k)
+         WHERE g.flow_id = $1 AND g.downstream_eid = d.down
+         RETURNING g.downstream_eid, g.policy, g.pending_count, g.running_count, g.success_count, g.fail_count,
+                   g.skip_count, g.group_state",
+        &[lock.id.into(), downs.into(), p.into(), r.into(), s.into(), f.into(), k.into()],
     )?;
-    let Some(row) = first_row(t) else { return Ok(()) };
-    let policy = GroupPolicy::from_stored(&col_req::<JsonB>(&row, 1)?.0);
-    let counts = Counts { success: col_req(&row, 2)?, fail: col_req(&row, 3)?, skip: col_req(&row, 4)?, running: col_req(&row, 5)? };
-    let state: String = col_req(&row, 6)?;
-    if state != "pending" {
-        return Ok(()); // fired already: counters only
-    }
-    fire(c, flow, downstream, Some(upstream), decide(policy, counts), now, follow_up)
-}
-
-/// Applies a group decision to its downstream execution.
-pub fn fire(
-    c: &mut SpiClient<'_>,
-    flow: &pgrx::Uuid,
-    downstream: &pgrx::Uuid,
-    trigger: Option<&pgrx::Uuid>,
-    decision: Decision,
-    now: i64,
-    follow_up: &mut VecDeque<i64>,
-) -> FfResult<()> {
-    match decision {
-        Decision::Pending => Ok(()),
-        Decision::Satisfied { cancel_remaining } => {
-            set_group_state(c, flow, downstream, "satisfied")?;
-            let t = exec(
-                c,
-                "UPDATE ff_exec_core
-                 SET eligibility_state = CASE WHEN eligible_at_ms > $2 THEN 'not_eligible_until_time' ELSE 'eligible_now' END,
-                     public_state = CASE WHEN eligible_at_ms > $2 THEN 'delayed' ELSE 'waiting' END
-                 WHERE execution_id = $1 AND lifecycle_phase = 'runnable'
-                   AND eligibility_state = 'blocked_by_dependencies'
-                 RETURNING lane_id, eligibility_state = 'eligible_now'",
-                &[(*downstream).into(), now.into()],
-            )?;
-            if let Some(row) = first_row(t) {
-                if col_req::<bool>(&row, 2)? {
-                    notify_lane(c, &col_req::<String>(&row, 1)?)?;
-                }
-            }
-            if cancel_remaining {
-                cancel_siblings(c, flow, downstream, trigger, now, follow_up)?;
-            }
-            Ok(())
+    let mut decided = Vec::new();
+    for row in t {
+        if row.get::<String>(8)?.as_deref() != Some("pending") {
+            continue; // fired already: counters only
         }
-        Decision::Impossible => {
-            set_group_state(c, flow, downstream, "impossible")?;
-            let reason = Some("dependencies_impossible");
-            if let Some(event) = terminate(c, &from_pg_uuid(downstream), "skipped", "skipped", reason, false, now)? {
-                follow_up.push_back(event);
-            }
-            Ok(())
+        let down: Uuid = row.get(1)?.ok_or_else(|| FfError::internal("NULL downstream"))?;
+        // A group is decided when one of its edges resolves (or on a repair
+        // pass's zero delta), never when an edge merely starts waiting: a flow
+        // built edge by edge would otherwise look short of its quorum.
+        if deltas.get(down.as_bytes()).is_some_and(|(_, d)| d.only_starts_waiting()) {
+            continue;
+        }
+        let policy = GroupPolicy::from_stored(&row.get::<JsonB>(2)?.map(|j| j.0).unwrap_or_default())?;
+        let counts = Counts {
+            pending: row.get(3)?.unwrap_or(0),
+            running: row.get(4)?.unwrap_or(0),
+            success: row.get(5)?.unwrap_or(0),
+            fail: row.get(6)?.unwrap_or(0),
+            skip: row.get(7)?.unwrap_or(0),
+        };
+        match decide(policy, counts) {
+            Decision::Pending => {}
+            d => decided.push((down, d)),
         }
     }
+    fire(c, lock, &decided, now, ended)
 }
 
-fn set_group_state(c: &mut SpiClient<'_>, flow: &pgrx::Uuid, downstream: &pgrx::Uuid, state: &str) -> FfResult<()> {
+/// Carries out group decisions on their downstreams (and siblings), records
+/// each group's state, and marks it settled when nothing was left undone.
+/// Also what the repair reconciler calls for groups left unsettled.
+pub fn fire(c: &mut SpiClient<'_>, lock: &FlowLock, decided: &[(Uuid, Decision)], now: i64, ended: &mut Vec<Ended>) -> FfResult<()> {
+    if decided.is_empty() {
+        return Ok(());
+    }
+    let mut unsettled: BTreeSet<[u8; 16]> = BTreeSet::new();
+    let satisfied: Vec<Uuid> = decided.iter().filter(|(_, d)| matches!(d, Decision::Satisfied { .. })).map(|(u, _)| *u).collect();
+    let impossible: Vec<Uuid> = decided.iter().filter(|(_, d)| *d == Decision::Impossible).map(|(u, _)| *u).collect();
+    let cancelling: Vec<Uuid> = decided
+        .iter()
+        .filter(|(_, d)| *d == Decision::Satisfied { cancel_remaining: true })
+        .map(|(u, _)| *u)
+        .collect();
+
+    for held in exec::unblock(c, &satisfied, now)? {
+        unsettled.insert(*held.as_bytes());
+    }
+    if !impossible.is_empty() {
+        let skip = Ending { outcome: Outcome::Skipped, result: None, error: None, reason: Some("dependencies_impossible"), dispatched: true };
+        let done = exec::finish(c, &impossible, &skip, Wait::SkipLocked, now)?;
+        for held in still_live(c, &impossible, &done)? {
+            unsettled.insert(*held.as_bytes());
+        }
+        ended.extend(done);
+    }
+    if !cancelling.is_empty() {
+        let t = exec(
+            c,
+            "SELECT e.downstream_eid, e.upstream_eid FROM ff_edge e
+             WHERE e.flow_id = $1 AND e.downstream_eid = ANY($2) AND e.edge_state = 'applied' AND e.resolution IS NULL",
+            &[lock.id.into(), cancelling.into()],
+        )?;
+        let mut siblings: BTreeMap<[u8; 16], Vec<Uuid>> = BTreeMap::new();
+        for row in t {
+            let (Some(down), Some(up)) = (row.get::<Uuid>(1)?, row.get::<Uuid>(2)?) else { continue };
+            siblings.entry(*up.as_bytes()).or_default().push(down);
+        }
+        let ups: Vec<Uuid> = siblings.keys().map(|b| Uuid::from_bytes(*b)).collect();
+        let cancel = Ending { outcome: Outcome::Cancelled, result: None, error: None, reason: Some("sibling_quorum_satisfied"), dispatched: true };
+        let done = exec::finish(c, &ups, &cancel, Wait::SkipLocked, now)?;
+        for held in still_live(c, &ups, &done)? {
+            for down in &siblings[held.as_bytes()] {
+                unsettled.insert(*down.as_bytes());
+            }
+        }
+        ended.extend(done);
+    }
+
+    let downs: Vec<Uuid> = decided.iter().map(|(u, _)| *u).collect();
+    let states: Vec<String> = decided
+        .iter()
+        .map(|(_, d)| if *d == Decision::Impossible { "impossible" } else { "satisfied" }.to_string())
+        .collect();
+    let settled: Vec<bool> = downs.iter().map(|u| !unsettled.contains(u.as_bytes())).collect();
     exec(
         c,
-        "UPDATE ff_edge_group SET group_state = $3 WHERE flow_id = $1 AND downstream_eid = $2",
-        &[(*flow).into(), (*downstream).into(), state.into()],
+        "UPDATE ff_edge_group g SET group_state = d.state, settled = d.settled
+         FROM unnest($2::uuid[], $3::text[], $4::bool[]) AS d(down, state, settled)
+         WHERE g.flow_id = $1 AND g.downstream_eid = d.down",
+        &[lock.id.into(), downs.into(), states.into(), settled.into()],
     )?;
     Ok(())
 }
 
-/// Cancels the still-running upstreams of a satisfied group. A sibling
-/// locked by a transaction that is completing it right now is left to that
-/// transaction (waiting for it could deadlock).
-fn cancel_siblings(
-    c: &mut SpiClient<'_>,
-    flow: &pgrx::Uuid,
-    downstream: &pgrx::Uuid,
-    trigger: Option<&pgrx::Uuid>,
-    now: i64,
-    follow_up: &mut VecDeque<i64>,
-) -> FfResult<()> {
-    let t = exec(
-        c,
-        "SELECT e.upstream_eid FROM ff_edge e JOIN ff_exec_core x ON x.execution_id = e.upstream_eid
-         WHERE e.flow_id = $1 AND e.downstream_eid = $2 AND e.edge_state = 'applied'
-           AND e.resolution IS NULL AND x.lifecycle_phase <> 'terminal'
-           AND e.upstream_eid IS DISTINCT FROM $3
-         ORDER BY e.upstream_eid",
-        &[(*flow).into(), (*downstream).into(), trigger.copied().into()],
-    )?;
-    let siblings: Vec<pgrx::Uuid> = t.filter_map(|r| r.get::<pgrx::Uuid>(1).ok().flatten()).collect();
-    let reason = Some("sibling_quorum_satisfied");
-    for s in siblings {
-        if let Some(event) = terminate(c, &from_pg_uuid(&s), "cancelled", "cancelled", reason, true, now)? {
-            follow_up.push_back(event);
-        }
+/// Of `asked`, those not in `done` that are still live: held by another
+/// transaction, so their part of a decision is left to the repair pass.
+fn still_live(c: &mut SpiClient<'_>, asked: &[Uuid], done: &[Ended]) -> FfResult<Vec<Uuid>> {
+    let ended: BTreeSet<[u8; 16]> = done.iter().map(|e| *e.uuid.as_bytes()).collect();
+    let rest: Vec<Uuid> = asked.iter().filter(|u| !ended.contains(u.as_bytes())).copied().collect();
+    if rest.is_empty() {
+        return Ok(rest);
     }
-    Ok(())
-}
-
-/// Dispatches one completion event: claims it (once), then resolves each
-/// applied, unresolved outgoing edge of its execution. Returns the number of
-/// edges advanced, or `None` when the event was already dispatched.
-fn dispatch_one(c: &mut SpiClient<'_>, event_id: i64, now: i64, follow_up: &mut VecDeque<i64>) -> FfResult<Option<i32>> {
     let t = exec(
         c,
-        "UPDATE ff_completion_event SET dispatched_at_ms = $2
-         WHERE event_id = $1 AND dispatched_at_ms IS NULL
-         RETURNING execution_id, flow_id, outcome",
+        "SELECT execution_id FROM ff_exec_core WHERE execution_id = ANY($1) AND lifecycle_phase <> 'terminal'",
+        &[rest.into()],
+    )?;
+    Ok(t.filter_map(|r| r.get::<Uuid>(1).ok().flatten()).collect())
+}
+
+/// One wave: resolves every applied, unresolved edge leaving `wave` and
+/// counts them. Returns the number of edges resolved and what ended next.
+fn step(c: &mut SpiClient<'_>, lock: &FlowLock, wave: &[Ended], now: i64) -> FfResult<(i32, Vec<Ended>)> {
+    let ups: Vec<Uuid> = wave.iter().map(|e| e.uuid).collect();
+    let buckets: Vec<String> = wave.iter().map(|e| e.outcome.bucket().as_str().to_string()).collect();
+    // Marking the edge resolved first is what makes a replayed or duplicate
+    // ending count each upstream once per group.
+    let t = exec(
+        c,
+        "UPDATE ff_edge e SET resolution = w.b
+         FROM unnest($2::uuid[], $3::text[]) AS w(u, b)
+         WHERE e.flow_id = $1 AND e.upstream_eid = w.u AND e.edge_state = 'applied' AND e.resolution IS NULL
+         RETURNING e.downstream_eid, e.resolution",
+        &[lock.id.into(), ups.into(), buckets.into()],
+    )?;
+    let mut deltas: BTreeMap<[u8; 16], (Uuid, Delta)> = BTreeMap::new();
+    let mut resolved = 0;
+    for row in t {
+        let Some(down) = row.get::<Uuid>(1)? else { continue };
+        let bucket = Bucket::parse(&row.get::<String>(2)?.unwrap_or_default());
+        deltas.entry(*down.as_bytes()).or_insert((down, Delta::default())).1.add(Delta::resolve(false, Some(bucket)));
+        resolved += 1;
+    }
+    let mut next = Vec::new();
+    count(c, lock, &deltas, now, &mut next)?;
+    Ok((resolved, next))
+}
+
+/// Runs the cascade of executions that just ended in the locked flow, to
+/// the end, and takes every ending into the flow's counters. Returns the
+/// number of edges the first wave resolved.
+pub fn cascade(lock: &mut FlowLock, ended: Vec<Ended>, now: i64) -> FfResult<i32> {
+    lock.record_ended(&ended);
+    run_waves(lock, ended, now)
+}
+
+/// Resolves the edges of executions that ended earlier (their endings are
+/// already in the flow's counters) and runs what follows.
+pub fn resolve_lost(lock: &mut FlowLock, wave: Vec<Ended>, now: i64) -> FfResult<i32> {
+    run_waves(lock, wave, now)
+}
+
+fn run_waves(lock: &mut FlowLock, mut wave: Vec<Ended>, now: i64) -> FfResult<i32> {
+    let mut first = None;
+    while !wave.is_empty() {
+        let (resolved, next) = with_spi(|c| step(c, lock, &wave, now))?;
+        first.get_or_insert(resolved);
+        lock.record_ended(&next);
+        wave = next;
+    }
+    Ok(first.unwrap_or(0))
+}
+
+/// Ends an execution the caller holds (lock order 1, taken by the fence or
+/// by a cancel) and, for a flow member, runs its cascade under the flow's
+/// lock. A member of a flow being cancelled cannot complete or fail: its
+/// lease is as good as stale (55000) and it ends cancelled.
+pub fn end_held(c: &mut SpiClient<'_>, uuid: &Uuid, flow: Option<Uuid>, ending: &Ending<'_>, now: i64) -> FfResult<()> {
+    let lock = match flow {
+        Some(f) => flow::lock(c, &f, Wait::Yes)?,
+        None => None,
+    };
+    let Some(mut lock) = lock else {
+        exec::finish(c, &[*uuid], ending, Wait::Yes, now)?;
+        return Ok(());
+    };
+    if lock.cancel_requested && ending.outcome != Outcome::Cancelled {
+        return Err(FfError::wrong_state(format!(
+            "flow {} is being cancelled; execution {uuid} will end cancelled",
+            lock.id
+        )));
+    }
+    let ended = exec::finish(c, &[*uuid], ending, Wait::Yes, now)?;
+    cascade(&mut lock, ended, now)?;
+    flow::release(c, lock, now)
+}
+
+/// What dispatching an event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dispatched {
+    /// Its cascade ran; this many edges moved in the first wave.
+    Advanced(i32),
+    /// It was dispatched already.
+    Noop,
+    /// Its flow is held by another transaction (reconcilers only).
+    Busy,
+}
+
+/// Dispatches one completion event written without its cascade (restored,
+/// inserted by hand, or left by an older version): claims it once, then
+/// runs the cascade of its execution under the flow's lock.
+pub fn dispatch_event(c: &mut SpiClient<'_>, event_id: i64, wait: Wait) -> FfResult<Dispatched> {
+    let now = now_ms();
+    let t = exec(
+        c,
+        "SELECT execution_id, flow_id, outcome FROM ff_completion_event
+         WHERE event_id = $1 AND dispatched_at_ms IS NULL",
+        &[event_id.into()],
+    )?;
+    let Some(row) = first_row(t) else { return Ok(Dispatched::Noop) };
+    let upstream: Uuid = col_req(&row, 1)?;
+    let flow_id: Option<Uuid> = col(&row, 2)?;
+    let outcome = Bucket::of_outcome(&col_req::<String>(&row, 3)?).outcome();
+    // Lock order: the flow (events of its members move only under it), then the event.
+    let lock = match flow_id {
+        Some(f) => match flow::lock(c, &f, wait)? {
+            Some(lock) => Some(lock),
+            None if wait == Wait::SkipLocked && flow::exists(c, &f)? => return Ok(Dispatched::Busy),
+            None => None,
+        },
+        None => None,
+    };
+    let claimed = exec(
+        c,
+        "UPDATE ff_completion_event SET dispatched_at_ms = $2 WHERE event_id = $1 AND dispatched_at_ms IS NULL
+         RETURNING 1",
         &[event_id.into(), now.into()],
     )?;
-    let Some(row) = first_row(t) else { return Ok(None) };
-    let upstream: pgrx::Uuid = col_req(&row, 1)?;
-    let Some(flow) = col::<pgrx::Uuid>(&row, 2)? else { return Ok(Some(0)) };
-    let resolution = bucket(&col_req::<String>(&row, 3)?);
-    // Marking the edge resolved first is what makes a replayed or duplicate
-    // event count each upstream once per group.
-    let t = exec(
-        c,
-        "UPDATE ff_edge SET resolution = $3
-         WHERE flow_id = $1 AND upstream_eid = $2 AND edge_state = 'applied' AND resolution IS NULL
-         RETURNING downstream_eid",
-        &[flow.into(), upstream.into(), resolution.into()],
-    )?;
-    let mut downstreams: Vec<pgrx::Uuid> = t.filter_map(|r| r.get::<pgrx::Uuid>(1).ok().flatten()).collect();
-    // Lock groups in one order so concurrent cascades cannot deadlock on them.
-    downstreams.sort_by_key(|u| *u.as_bytes());
-    for d in &downstreams {
-        resolve_edge(c, &flow, d, &upstream, resolution, now, follow_up)?;
+    if claimed.is_empty() {
+        return Ok(Dispatched::Noop);
     }
-    Ok(Some(downstreams.len() as i32))
-}
-
-/// Dispatches an event and, transitively, every event its cascade emits.
-/// Returns what happened to the first event.
-pub fn cascade(c: &mut SpiClient<'_>, event_id: i64) -> FfResult<Option<i32>> {
-    let now = now_ms();
-    let mut follow_up = VecDeque::new();
-    let first = dispatch_one(c, event_id, now, &mut follow_up)?;
-    drain(c, &mut follow_up, now)?;
-    Ok(first)
-}
-
-/// Dispatches queued events until the cascade settles.
-pub fn drain(c: &mut SpiClient<'_>, queue: &mut VecDeque<i64>, now: i64) -> FfResult<()> {
-    while let Some(next) = queue.pop_front() {
-        dispatch_one(c, next, now, queue)?;
-    }
-    Ok(())
+    let Some(mut lock) = lock else { return Ok(Dispatched::Advanced(0)) };
+    // The execution ended when its event was written: only its edges move
+    // now, not the flow's member counters.
+    let wave = vec![Ended { uuid: upstream, flow: Some(lock.id), outcome }];
+    let resolved = run_waves(&mut lock, wave, now)?;
+    flow::release(c, lock, now)?;
+    Ok(Dispatched::Advanced(resolved))
 }
 
 pub fn dispatch_completion(event_id: i64) -> FfResult<(&'static str, i32)> {
     with_spi(|c| {
-        Ok(match cascade(c, event_id)? {
-            Some(n) => ("advanced", n),
-            None => ("noop", 0),
+        Ok(match dispatch_event(c, event_id, Wait::Yes)? {
+            Dispatched::Advanced(n) => ("advanced", n),
+            Dispatched::Noop | Dispatched::Busy => ("noop", 0),
         })
     })
 }
@@ -302,7 +455,7 @@ mod tests {
     use serde_json::json;
 
     fn n(success: i32, fail: i32, skip: i32, running: i32) -> Counts {
-        Counts { success, fail, skip, running }
+        Counts { pending: 0, running, success, fail, skip }
     }
 
     #[test]
@@ -311,6 +464,16 @@ mod tests {
         assert_eq!(decide(GroupPolicy::AllOf, n(3, 0, 0, 0)), Decision::Satisfied { cancel_remaining: false });
         assert_eq!(decide(GroupPolicy::AllOf, n(2, 0, 1, 0)), Decision::Impossible);
         assert_eq!(decide(GroupPolicy::AllOf, n(0, 1, 0, 2)), Decision::Impossible);
+        assert_eq!(decide(GroupPolicy::AllOf, n(0, 0, 0, 0)), Decision::Pending);
+    }
+
+    #[test]
+    fn staged_edges_count_as_waiting() {
+        let staged = Counts { pending: 1, ..n(1, 0, 0, 0) };
+        assert_eq!(decide(GroupPolicy::AllOf, staged), Decision::Pending);
+        let q = GroupPolicy::Quorum { k: 2, cancel_remaining: false };
+        assert_eq!(decide(q, Counts { pending: 1, ..n(1, 1, 0, 0) }), Decision::Pending);
+        assert_eq!(decide(q, Counts { pending: 0, ..n(1, 1, 0, 0) }), Decision::Impossible);
     }
 
     #[test]
@@ -333,6 +496,13 @@ mod tests {
     }
 
     #[test]
+    fn deltas_move_one_edge() {
+        assert_eq!(Delta::resolve(true, None), Delta { pending: -1, running: 1, ..Delta::default() });
+        assert_eq!(Delta::resolve(false, Some(Bucket::Skip)), Delta { running: -1, skip: 1, ..Delta::default() });
+        assert_eq!(Delta::resolve(true, Some(Bucket::Success)), Delta { pending: -1, success: 1, ..Delta::default() });
+    }
+
+    #[test]
     fn policy_parsing() {
         assert_eq!(GroupPolicy::parse(&json!({"kind": "all_of"})).unwrap(), GroupPolicy::AllOf);
         assert_eq!(
@@ -349,13 +519,9 @@ mod tests {
         }
         let p = GroupPolicy::Quorum { k: 3, cancel_remaining: true };
         assert_eq!(GroupPolicy::parse(&p.to_json()).unwrap(), p);
-    }
-
-    #[test]
-    fn buckets() {
-        assert_eq!(bucket("success"), "success");
-        assert_eq!(bucket("skipped"), "skip");
-        assert_eq!(bucket("cancelled"), "fail");
-        assert_eq!(bucket("expired"), "fail");
+        assert_eq!(
+            GroupPolicy::from_stored(&json!({"kind": "nope"})).unwrap_err().code,
+            pgrx::PgSqlErrorCode::ERRCODE_DATA_CORRUPTED
+        );
     }
 }

@@ -1,27 +1,197 @@
-//! Executions: creation, the states they move through, and the lane
-//! notifications that wake workers.
+//! Executions: creation and every change of state, in one place.
 //!
-//! States (canonical FlowFabric literals):
-//! - runnable + eligible_now (public `waiting`): claimable now;
-//! - runnable + not_eligible_until_time (`delayed`): claimable from eligible_at_ms;
-//! - runnable + blocked_by_dependencies (`waiting_children`): waits on its edge group;
-//! - active + leased (`active`): claimed by a worker until lease_expires_at_ms;
-//! - terminal (`completed` / `failed` / `cancelled` / `skipped` / `expired`).
+//! States (FlowFabric's literals, stored as lifecycle_phase /
+//! eligibility_state / public_state):
+//!
+//! | State      | lifecycle | eligibility               | public           |
+//! |------------|-----------|---------------------------|------------------|
+//! | Waiting    | runnable  | eligible_now              | waiting          |
+//! | Delayed    | runnable  | not_eligible_until_time   | delayed          |
+//! | Blocked    | runnable  | blocked_by_dependencies   | waiting_children |
+//! | Active     | active    | not_applicable            | active           |
+//! | Terminal   | terminal  | not_applicable            | completed, failed, cancelled, skipped, expired |
+//!
+//! Transitions, each a function below: create (to Waiting, Delayed or
+//! Blocked), `lease` (Waiting/Delayed -> Active), `block` (Waiting/Delayed ->
+//! Blocked), `unblock` (Blocked -> Waiting/Delayed), `promote_due` (Delayed ->
+//! Waiting), `requeue` (Active/Terminal -> Waiting/Delayed) and `finish`
+//! (any live state -> Terminal, with its completion event).
+//!
+//! # Lock order
+//!
+//! Every lock anyone waits for is taken in this order, so no two
+//! transactions can wait on each other in a cycle:
+//!
+//! 1. The execution row a call names: the claim's pick (`SKIP LOCKED`), the
+//!    fence of renew / complete / fail, `ff_record_spend`, `ff_cancel_execution`,
+//!    and the downstream of `ff_apply_dependency_to_child` (`FOR KEY SHARE`).
+//! 2. The flow row of that execution (`flow::lock`). Everything that changes
+//!    a flow's graph or ends one of its members holds it.
+//! 3. Under the flow row: its edges and edge groups, and its member rows.
+//!    Member rows are taken only with `SKIP LOCKED` while the flow row is
+//!    held (a member may be held by a worker that waits for the flow row);
+//!    whatever is skipped is left in a state the repair reconciler finishes.
+//! 4. Budget policy rows in ascending budget id, then their usage rows in
+//!    ascending dimension.
+//! 5. The quota policy row.
+//!
+//! Rows that belong to one execution (its attempts, grants, ledger rows and
+//! quota admission) are only written by whoever holds that execution's row,
+//! so ending a lease never waits on a shared row. A transaction holding a
+//! flow row never waits on a budget or quota row. Reconcilers never wait at
+//! all: every lock they take is `SKIP LOCKED`.
 
-use crate::db::{col_req, exec, first_row, now_ms, with_spi};
+use crate::db::{col, col_req, exec, first_row, now_ms, with_spi};
 use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::ids::{check_text_id, clip, crc16, ExecutionId};
-use crate::jsonb::RawJsonb;
-use crate::quota;
+use crate::jsonb::{RawJsonb, RawJsonbArray};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use pgrx::JsonB;
+use serde_json::Value;
 use sha2::{Digest, Sha256};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 pub const MAX_CAPABILITIES: usize = 256;
 pub const MAX_CAPABILITY_BYTES: usize = 4096;
 pub const MAX_BUDGETS_PER_EXECUTION: usize = 64;
 pub const MAX_ATTEMPTS_LIMIT: i32 = 1000;
+/// Most executions one `ff_create_executions` call may create.
+pub const MAX_BATCH: usize = 100_000;
+
+/// How an execution ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Success,
+    Failed,
+    Cancelled,
+    Skipped,
+    Expired,
+}
+
+/// How an upstream's ending counts for the edge groups downstream of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Bucket {
+    Success,
+    Fail,
+    Skip,
+}
+
+impl Bucket {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Bucket::Success => "success",
+            Bucket::Fail => "fail",
+            Bucket::Skip => "skip",
+        }
+    }
+
+    /// The bucket of a stored completion outcome: `success` counts as
+    /// success, `skipped` as skip, anything else as a failure.
+    pub fn of_outcome(outcome: &str) -> Bucket {
+        match outcome {
+            "success" => Bucket::Success,
+            "skipped" => Bucket::Skip,
+            _ => Bucket::Fail,
+        }
+    }
+
+    /// Reads `ff_edge.resolution` (written by `as_str`).
+    pub fn parse(resolution: &str) -> Bucket {
+        match resolution {
+            "success" => Bucket::Success,
+            "skip" => Bucket::Skip,
+            _ => Bucket::Fail,
+        }
+    }
+
+    /// The outcome an event of this bucket stands for.
+    pub fn outcome(self) -> Outcome {
+        match self {
+            Bucket::Success => Outcome::Success,
+            Bucket::Skip => Outcome::Skipped,
+            Bucket::Fail => Outcome::Failed,
+        }
+    }
+}
+
+impl Outcome {
+    /// `terminal_outcome` and the completion event's outcome.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failed => "failed",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Skipped => "skipped",
+            Outcome::Expired => "expired",
+        }
+    }
+
+    pub fn public_state(self) -> &'static str {
+        match self {
+            Outcome::Success => "completed",
+            other => other.as_str(),
+        }
+    }
+
+    pub fn bucket(self) -> Bucket {
+        Bucket::of_outcome(self.as_str())
+    }
+
+    /// Whether this ending makes its flow `failed`.
+    pub fn fails_flow(self) -> bool {
+        matches!(self, Outcome::Failed | Outcome::Expired)
+    }
+}
+
+/// Where an execution is; see the table at the top of the module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Waiting,
+    Delayed,
+    Blocked,
+    Active,
+    Terminal(Outcome),
+}
+
+impl State {
+    /// (lifecycle_phase, eligibility_state, public_state)
+    pub fn columns(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            State::Waiting => ("runnable", "eligible_now", "waiting"),
+            State::Delayed => ("runnable", "not_eligible_until_time", "delayed"),
+            State::Blocked => ("runnable", "blocked_by_dependencies", "waiting_children"),
+            State::Active => ("active", "not_applicable", "active"),
+            State::Terminal(o) => ("terminal", "not_applicable", o.public_state()),
+        }
+    }
+
+    pub fn from_columns(lifecycle: &str, eligibility: &str, outcome: Option<&str>) -> Option<State> {
+        Some(match (lifecycle, eligibility) {
+            ("runnable", "eligible_now") => State::Waiting,
+            ("runnable", "not_eligible_until_time") => State::Delayed,
+            ("runnable", "blocked_by_dependencies") => State::Blocked,
+            ("active", _) => State::Active,
+            ("terminal", _) => State::Terminal(match outcome? {
+                "success" => Outcome::Success,
+                "failed" => Outcome::Failed,
+                "cancelled" => Outcome::Cancelled,
+                "skipped" => Outcome::Skipped,
+                "expired" => Outcome::Expired,
+                _ => return None,
+            }),
+            _ => return None,
+        })
+    }
+
+    pub fn is_live(self) -> bool {
+        !matches!(self, State::Terminal(_))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Creation options
+// ---------------------------------------------------------------------------
 
 /// Validates capability tokens (non-empty, no ',' / whitespace / control
 /// characters, at most 256 tokens and 4096 bytes) and returns them sorted and
@@ -50,6 +220,825 @@ pub fn normalize_capabilities(what: &str, caps: &[Option<String>]) -> FfResult<V
     Ok(out)
 }
 
+/// Backoff between attempts: `base_ms` doubling per attempt up to `max_ms`,
+/// with "full jitter" (uniform in [0, backoff]) unless `jitter` is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub base_ms: i64,
+    pub max_ms: i64,
+    pub jitter: bool,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { base_ms: 1_000, max_ms: 60_000, jitter: true }
+    }
+}
+
+impl RetryPolicy {
+    pub const LIMIT_MS: i64 = 7 * 86_400_000;
+
+    /// Parses `{"base_ms": n, "max_ms": n, "jitter": bool}`; missing keys
+    /// take their defaults, anything else is 22023.
+    pub fn parse(v: &Value) -> FfResult<RetryPolicy> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| FfError::invalid(format!("retry_policy must be a JSON object, got {}", clip(&v.to_string()))))?;
+        let mut p = RetryPolicy::default();
+        for (k, val) in obj {
+            match k.as_str() {
+                "base_ms" | "max_ms" => {
+                    let n = val.as_i64().filter(|n| (1..=Self::LIMIT_MS).contains(n)).ok_or_else(|| {
+                        FfError::invalid(format!(
+                            "retry_policy.{k} must be an integer from 1 to {}, got {}",
+                            Self::LIMIT_MS,
+                            clip(&val.to_string())
+                        ))
+                    })?;
+                    if k == "base_ms" {
+                        p.base_ms = n
+                    } else {
+                        p.max_ms = n
+                    }
+                }
+                "jitter" => {
+                    p.jitter = val.as_bool().ok_or_else(|| {
+                        FfError::invalid(format!("retry_policy.jitter must be true or false, got {}", clip(&val.to_string())))
+                    })?
+                }
+                other => {
+                    return Err(FfError::invalid(format!(
+                        "retry_policy has an unknown key \"{}\" (known: base_ms, max_ms, jitter)",
+                        clip(other)
+                    )))
+                }
+            }
+        }
+        if p.max_ms < p.base_ms {
+            return Err(FfError::invalid(format!(
+                "retry_policy.max_ms ({}) must be >= base_ms ({})",
+                p.max_ms, p.base_ms
+            )));
+        }
+        Ok(p)
+    }
+
+    /// The ceiling of the wait before attempt `next_attempt` (2-based: the
+    /// wait after the first failure is for attempt 2).
+    pub fn ceiling_ms(&self, next_attempt: i32) -> i64 {
+        let doublings = (next_attempt - 2).clamp(0, 62) as u32;
+        self.base_ms.saturating_mul(1_i64.checked_shl(doublings).unwrap_or(i64::MAX)).min(self.max_ms)
+    }
+
+    /// The wait before `next_attempt`; `unit` is a uniform random number in
+    /// [0, 1) used for the jitter.
+    pub fn backoff_ms(&self, next_attempt: i32, unit: f64) -> i64 {
+        let ceiling = self.ceiling_ms(next_attempt);
+        if self.jitter {
+            ((ceiling as f64) * unit.clamp(0.0, 1.0)) as i64
+        } else {
+            ceiling
+        }
+    }
+}
+
+/// A uniform random number in [0, 1) from the server's strong source.
+pub fn random_unit() -> f64 {
+    let mut buf = [0u8; 8];
+    // SAFETY: buf is a valid writable buffer of the given length.
+    let ok = unsafe { pg_sys::pg_strong_random(buf.as_mut_ptr().cast(), buf.len()) };
+    if !ok {
+        return 0.5;
+    }
+    (u64::from_le_bytes(buf) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Parses a reservation `{"dim": n}` (positive integers).
+pub fn parse_reserve(v: &Value) -> FfResult<BTreeMap<String, i64>> {
+    let obj = v.as_object().ok_or_else(|| {
+        FfError::invalid(format!("budget_reserve must be a JSON object of positive integers, got {}", clip(&v.to_string())))
+    })?;
+    if obj.len() > crate::budget::MAX_DIMENSIONS {
+        return Err(FfError::invalid(format!("budget_reserve names {} dimensions; the limit is {}", obj.len(), crate::budget::MAX_DIMENSIONS)));
+    }
+    obj.iter()
+        .map(|(dim, n)| {
+            check_text_id("budget_reserve dimension", dim)?;
+            let value = n.as_i64().filter(|x| *x > 0).ok_or_else(|| {
+                FfError::invalid(format!(
+                    "budget_reserve dimension \"{}\" has value {}; expected a positive integer",
+                    clip(dim),
+                    clip(&n.to_string())
+                ))
+            })?;
+            Ok((dim.clone(), value))
+        })
+        .collect()
+}
+
+/// Everything `ff_create_execution` accepts except the id and payload,
+/// validated. Shared by the batch form and by `ff_submit_flow` nodes.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub lane_id: String,
+    pub priority: i32,
+    pub required_capabilities: Vec<String>,
+    pub budget_ids: Vec<String>,
+    pub budget_reserve: BTreeMap<String, i64>,
+    pub quota_policy_id: Option<String>,
+    pub flow_id: Option<uuid::Uuid>,
+    pub delay_until_ms: Option<i64>,
+    pub max_attempts: i32,
+    pub unique_key: Option<String>,
+    pub retry: RetryPolicy,
+}
+
+impl Options {
+    pub fn validate(mut self) -> FfResult<Self> {
+        check_text_id("lane_id", &self.lane_id)?;
+        if self.budget_ids.len() > MAX_BUDGETS_PER_EXECUTION {
+            return Err(FfError::invalid(format!(
+                "{} budget_ids given; the limit is {MAX_BUDGETS_PER_EXECUTION}",
+                self.budget_ids.len()
+            )));
+        }
+        for b in &self.budget_ids {
+            check_text_id("budget_id", b)?;
+        }
+        self.budget_ids.sort();
+        self.budget_ids.dedup();
+        if let Some(q) = &self.quota_policy_id {
+            check_text_id("quota_policy_id", q)?;
+        }
+        if let Some(k) = &self.unique_key {
+            check_text_id("unique_key", k)?;
+        }
+        if !(1..=MAX_ATTEMPTS_LIMIT).contains(&self.max_attempts) {
+            return Err(FfError::invalid(format!(
+                "max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}, got {}",
+                self.max_attempts
+            )));
+        }
+        if let Some(d) = self.delay_until_ms.filter(|d| *d < 0) {
+            return Err(FfError::invalid(format!("delay_until_ms must be >= 0, got {d}")));
+        }
+        if !self.budget_reserve.is_empty() && self.budget_ids.is_empty() {
+            return Err(FfError::invalid("budget_reserve needs budget_ids to reserve against"));
+        }
+        Ok(self)
+    }
+
+    fn reserve_json(&self) -> Option<pgrx::JsonB> {
+        (!self.budget_reserve.is_empty()).then(|| pgrx::JsonB(serde_json::json!(self.budget_reserve)))
+    }
+}
+
+/// One execution to create.
+#[derive(Debug, Clone, Copy)]
+pub struct NewRow<'a> {
+    pub options: &'a Options,
+    pub execution_id: Option<uuid::Uuid>,
+    pub payload: Option<RawJsonb>,
+    pub node_name: Option<&'a str>,
+    /// Created as a member of `options.flow_id` (ff_submit_flow); otherwise
+    /// the flow only chooses the partition and membership comes from
+    /// ff_add_execution_to_flow.
+    pub member: bool,
+    /// Created waiting on its edge group (a flow node with inbound edges).
+    pub blocked: bool,
+}
+
+pub fn pg_uuid(u: &uuid::Uuid) -> pgrx::Uuid {
+    pgrx::Uuid::from_bytes(*u.as_bytes())
+}
+
+pub fn from_pg_uuid(u: &pgrx::Uuid) -> uuid::Uuid {
+    uuid::Uuid::from_bytes(*u.as_bytes())
+}
+
+// ---------------------------------------------------------------------------
+// Capability sets
+// ---------------------------------------------------------------------------
+
+thread_local! {
+    /// Requirement set -> id, for sets known to be committed (never a set
+    /// this backend inserted in a transaction that might still roll back).
+    static CAP_SET_IDS: RefCell<HashMap<Vec<String>, i32>> = RefCell::new(HashMap::new());
+    /// Worker capabilities -> (ids of the sets they satisfy, highest set id seen).
+    static SATISFIED_SETS: RefCell<HashMap<Vec<String>, (Vec<i32>, i32)>> = RefCell::new(HashMap::new());
+}
+
+/// The id of the requirement set `caps` (sorted), created when new.
+pub fn cap_set_id(c: &mut SpiClient<'_>, caps: &[String]) -> FfResult<i32> {
+    if caps.is_empty() {
+        return Ok(1);
+    }
+    if let Some(id) = CAP_SET_IDS.with(|m| m.borrow().get(caps).copied()) {
+        return Ok(id);
+    }
+    let lookup = "SELECT cap_set_id FROM ff_capability_set WHERE capabilities = $1";
+    if let Some(row) = first_row(exec(c, lookup, &[caps.to_vec().into()])?) {
+        let id: i32 = col_req(&row, 1)?;
+        CAP_SET_IDS.with(|m| m.borrow_mut().insert(caps.to_vec(), id));
+        return Ok(id);
+    }
+    let t = exec(
+        c,
+        "INSERT INTO ff_capability_set (capabilities) VALUES ($1) ON CONFLICT (capabilities) DO NOTHING
+         RETURNING cap_set_id",
+        &[caps.to_vec().into()],
+    )?;
+    if let Some(row) = first_row(t) {
+        return col_req(&row, 1); // ours: not cached until it is surely committed
+    }
+    // A concurrent transaction inserted it and committed while we waited.
+    let row = first_row(exec(c, lookup, &[caps.to_vec().into()])?)
+        .ok_or_else(|| FfError::internal("capability set vanished after a conflict"))?;
+    col_req(&row, 1)
+}
+
+/// Ids of the requirement sets that `caps` satisfies (subset rule), and the
+/// highest set id the answer accounts for. Cached per backend; when the
+/// caller saw a set newer than `newest`, pass it to refresh the answer.
+pub fn satisfied_sets(c: &mut SpiClient<'_>, caps: &[String], newest: i32) -> FfResult<(Vec<i32>, i32)> {
+    if let Some((ids, seen)) = SATISFIED_SETS.with(|m| m.borrow().get(caps).cloned()) {
+        if seen >= newest {
+            return Ok((ids, seen));
+        }
+    }
+    let t = exec(
+        c,
+        "SELECT coalesce(array_agg(cap_set_id ORDER BY cap_set_id) FILTER (WHERE capabilities <@ $1), '{}'),
+                coalesce(max(cap_set_id), 1)
+         FROM ff_capability_set",
+        &[caps.to_vec().into()],
+    )?;
+    let row = first_row(t).ok_or_else(|| FfError::internal("no capability sets"))?;
+    let ids: Vec<i32> = col(&row, 1)?.unwrap_or_default();
+    let seen: i32 = col_req(&row, 2)?;
+    SATISFIED_SETS.with(|m| m.borrow_mut().insert(caps.to_vec(), (ids.clone(), seen)));
+    Ok((ids, seen))
+}
+
+// ---------------------------------------------------------------------------
+// Create
+// ---------------------------------------------------------------------------
+
+/// Budgets and the quota policy an execution names must exist (P0002).
+pub fn check_references(c: &mut SpiClient<'_>, o: &Options) -> FfResult<()> {
+    if !o.budget_ids.is_empty() {
+        let t = exec(
+            c,
+            "SELECT b FROM unnest($1::text[]) b
+             WHERE NOT EXISTS (SELECT FROM ff_budget_policy p WHERE p.budget_id = b) LIMIT 1",
+            &[o.budget_ids.clone().into()],
+        )?;
+        if let Some(row) = first_row(t) {
+            let missing: String = col_req(&row, 1)?;
+            return Err(FfError::not_found(format!("budget \"{}\" does not exist", clip(&missing))));
+        }
+    }
+    if let Some(q) = &o.quota_policy_id {
+        let t = exec(c, "SELECT 1 FROM ff_quota_policy WHERE quota_policy_id = $1", &[q.as_str().into()])?;
+        if t.is_empty() {
+            return Err(FfError::not_found(format!("quota policy \"{}\" does not exist", clip(q))));
+        }
+    }
+    Ok(())
+}
+
+/// Inserts executions. Returns each row's id in order: a row whose
+/// `execution_id` exists already, or whose `unique_key` has a live
+/// execution on the lane, gets that execution's id instead of a new one.
+/// Lanes that got claimable work are notified.
+pub fn create(c: &mut SpiClient<'_>, rows: &[NewRow<'_>], namespace: Option<&str>) -> FfResult<Vec<ExecutionId>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now = now_ms();
+    let mut cols = Columns::default();
+    let mut uuids = Vec::with_capacity(rows.len());
+    for r in rows {
+        let o = r.options;
+        let uuid = r.execution_id.unwrap_or_else(uuid::Uuid::new_v4);
+        let slot = match &o.flow_id {
+            Some(flow) => crc16(flow.as_bytes()),
+            None => crc16(o.lane_id.as_bytes()),
+        };
+        let delayed = o.delay_until_ms.is_some_and(|d| d > now);
+        let state = if r.blocked { State::Blocked } else if delayed { State::Delayed } else { State::Waiting };
+        let (phase, eligibility, public) = state.columns();
+        cols.ids.push(pg_uuid(&uuid));
+        cols.slots.push(i32::from(slot));
+        cols.flows.push(o.flow_id.as_ref().filter(|_| r.member).map(pg_uuid));
+        cols.names.push(r.node_name.map(str::to_string));
+        cols.lanes.push(o.lane_id.clone());
+        cols.payloads.push(r.payload);
+        cols.priorities.push(o.priority);
+        cols.caps.push(o.required_capabilities.join(LIST_SEP));
+        cols.cap_sets.push(cap_set_id(c, &o.required_capabilities)?);
+        cols.budgets.push(o.budget_ids.join(LIST_SEP));
+        cols.reserves.push(o.reserve_json());
+        cols.quotas.push(o.quota_policy_id.clone());
+        cols.unique_keys.push(o.unique_key.clone());
+        cols.max_attempts.push(o.max_attempts);
+        cols.retry_base.push(o.retry.base_ms);
+        cols.retry_max.push(o.retry.max_ms);
+        cols.retry_jitter.push(o.retry.jitter);
+        cols.eligible_at.push(o.delay_until_ms.unwrap_or(0));
+        cols.phases.push(phase);
+        cols.eligibilities.push(eligibility);
+        cols.publics.push(public);
+        uuids.push(uuid);
+    }
+    // Capabilities and budget ids travel as text joined by LIST_SEP, because
+    // SQL arrays cannot nest.
+    let t = exec(
+        c,
+        "INSERT INTO ff_exec_core (execution_id, partition_key, flow_id, node_name, lane_id, namespace, payload,
+             priority, required_capabilities, cap_set_id, budget_ids, budget_reserve, quota_policy_id, unique_key,
+             max_attempts, retry_base_ms, retry_max_ms, retry_jitter, eligible_at_ms,
+             lifecycle_phase, eligibility_state, public_state, attempt_state, created_at_ms)
+         SELECT r.id, (r.slot % (SELECT num_flow_partitions FROM ff_partition_config))::smallint, r.flow, r.name,
+                r.lane, coalesce($22, 'default'), r.payload, r.priority,
+                CASE WHEN r.caps = '' THEN '{}'::text[] ELSE string_to_array(r.caps, E'\\x1f') END, r.cap_set,
+                CASE WHEN r.budgets = '' THEN '{}'::text[] ELSE string_to_array(r.budgets, E'\\x1f') END,
+                r.reserve, r.quota, r.ukey, r.max_attempts, r.rbase, r.rmax, r.rjitter, r.eligible_at,
+                r.phase, r.eligibility, r.public, 'pending_first_attempt', $23
+         FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::text[], $5::text[], $6::jsonb[], $7::int[], $8::text[],
+                     $9::int[], $10::text[], $11::jsonb[], $12::text[], $13::text[], $14::int[], $15::bigint[],
+                     $16::bigint[], $17::bool[], $18::bigint[], $19::text[], $20::text[], $21::text[])
+              AS r(id, slot, flow, name, lane, payload, priority, caps, cap_set, budgets, reserve, quota, ukey,
+                   max_attempts, rbase, rmax, rjitter, eligible_at, phase, eligibility, public)
+         ON CONFLICT DO NOTHING
+         RETURNING execution_id, partition_key, lane_id, eligibility_state = 'eligible_now'",
+        &[
+            cols.ids.clone().into(),
+            cols.slots.into(),
+            cols.flows.into(),
+            cols.names.into(),
+            cols.lanes.clone().into(),
+            cols.payloads.into(),
+            cols.priorities.into(),
+            cols.caps.into(),
+            cols.cap_sets.into(),
+            cols.budgets.into(),
+            cols.reserves.into(),
+            cols.quotas.into(),
+            cols.unique_keys.clone().into(),
+            cols.max_attempts.into(),
+            cols.retry_base.into(),
+            cols.retry_max.into(),
+            cols.retry_jitter.into(),
+            cols.eligible_at.into(),
+            cols.phases.into_iter().map(str::to_string).collect::<Vec<_>>().into(),
+            cols.eligibilities.into_iter().map(str::to_string).collect::<Vec<_>>().into(),
+            cols.publics.into_iter().map(str::to_string).collect::<Vec<_>>().into(),
+            namespace.into(),
+            now.into(),
+        ],
+    )?;
+    let mut created: HashMap<[u8; 16], i16> = HashMap::with_capacity(rows.len());
+    let mut notify = BTreeSet::new();
+    for row in t {
+        let id: pgrx::Uuid = row.get(1)?.ok_or_else(|| FfError::internal("NULL execution id"))?;
+        created.insert(*id.as_bytes(), row.get(2)?.unwrap_or(0));
+        if row.get::<bool>(4)?.unwrap_or(false) {
+            notify.insert(row.get::<String>(3)?.unwrap_or_default());
+        }
+    }
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, uuid) in uuids.iter().enumerate() {
+        match created.get(uuid.as_bytes()) {
+            Some(partition) => out.push(ExecutionId { partition: *partition, uuid: *uuid }),
+            None => out.push(existing(c, uuid, &cols.lanes[i], cols.unique_keys[i].as_deref())?),
+        }
+    }
+    for lane in notify {
+        notify_lane(c, &lane)?;
+    }
+    Ok(out)
+}
+
+/// Joins a list of ids for one SQL text value; ids never contain control
+/// characters (`check_text_id`, `normalize_capabilities`).
+const LIST_SEP: &str = "\u{1f}";
+
+#[derive(Default)]
+struct Columns {
+    ids: Vec<pgrx::Uuid>,
+    slots: Vec<i32>,
+    flows: Vec<Option<pgrx::Uuid>>,
+    names: Vec<Option<String>>,
+    lanes: Vec<String>,
+    payloads: Vec<Option<RawJsonb>>,
+    priorities: Vec<i32>,
+    caps: Vec<String>,
+    cap_sets: Vec<i32>,
+    budgets: Vec<String>,
+    reserves: Vec<Option<pgrx::JsonB>>,
+    quotas: Vec<Option<String>>,
+    unique_keys: Vec<Option<String>>,
+    max_attempts: Vec<i32>,
+    retry_base: Vec<i64>,
+    retry_max: Vec<i64>,
+    retry_jitter: Vec<bool>,
+    eligible_at: Vec<i64>,
+    phases: Vec<&'static str>,
+    eligibilities: Vec<&'static str>,
+    publics: Vec<&'static str>,
+}
+
+/// The execution a skipped insert collided with: the same id, or the live
+/// execution holding the unique key.
+fn existing(c: &mut SpiClient<'_>, uuid: &uuid::Uuid, lane: &str, unique_key: Option<&str>) -> FfResult<ExecutionId> {
+    let t = exec(
+        c,
+        "SELECT execution_id, partition_key FROM ff_exec_core WHERE execution_id = $1
+         UNION ALL
+         (SELECT execution_id, partition_key FROM ff_exec_core
+          WHERE $3::text IS NOT NULL AND lane_id = $2 AND unique_key = $3 AND lifecycle_phase <> 'terminal')
+         LIMIT 1",
+        &[pg_uuid(uuid).into(), lane.into(), unique_key.into()],
+    )?;
+    let row = first_row(t).ok_or_else(|| {
+        FfError::duplicate(format!("execution {uuid} collides with an existing row (a node name already used in its flow?)"))
+    })?;
+    Ok(ExecutionId { uuid: from_pg_uuid(&col_req(&row, 1)?), partition: col_req(&row, 2)? })
+}
+
+// ---------------------------------------------------------------------------
+// Lease
+// ---------------------------------------------------------------------------
+
+/// One execution to lease under a signed grant.
+pub struct LeaseRow {
+    pub uuid: uuid::Uuid,
+    pub grant_id: Vec<u8>,
+    pub grant_key: String,
+}
+
+/// What a lease hands the worker.
+pub struct Leased {
+    pub id: ExecutionId,
+    pub lane_id: String,
+    pub attempt: i32,
+    pub payload: Option<RawJsonb>,
+    pub grant_key: String,
+}
+
+/// Waiting/Delayed -> Active for rows the caller picked and locked: starts
+/// an attempt and stores each grant.
+#[allow(clippy::too_many_arguments)]
+pub fn lease(
+    c: &mut SpiClient<'_>,
+    rows: Vec<LeaseRow>,
+    worker_id: &str,
+    worker_instance_id: &str,
+    kid: &str,
+    ttl_ms: i64,
+    expires_at_ms: i64,
+    now: i64,
+) -> FfResult<Vec<Leased>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<pgrx::Uuid> = rows.iter().map(|r| pg_uuid(&r.uuid)).collect();
+    let grants: Vec<Vec<u8>> = rows.iter().map(|r| r.grant_id.clone()).collect();
+    let t = exec(
+        c,
+        "WITH l AS (SELECT * FROM unnest($1::uuid[], $2::bytea[]) AS l(execution_id, grant_id)),
+         e AS (
+             UPDATE ff_exec_core x SET lifecycle_phase = 'active', ownership_state = 'leased',
+                 eligibility_state = 'not_applicable', public_state = 'active',
+                 attempt_state = 'running_attempt', attempt_index = x.attempt_index + 1,
+                 started_at_ms = coalesce(x.started_at_ms, $5), lease_expires_at_ms = $6,
+                 current_worker_id = $3, current_worker_instance_id = $4, current_grant_id = l.grant_id
+             FROM l WHERE x.execution_id = l.execution_id
+             RETURNING x.execution_id, x.partition_key, x.lane_id, x.attempt_index, x.payload, l.grant_id),
+         a AS (
+             INSERT INTO ff_attempt (execution_id, attempt_index, partition_key, worker_id,
+                 worker_instance_id, lease_expires_at_ms, started_at_ms)
+             SELECT e.execution_id, e.attempt_index, e.partition_key, $3, $4, $6, $5 FROM e),
+         g AS (
+             INSERT INTO ff_claim_grant (grant_id, partition_key, execution_id, worker_id, worker_instance_id,
+                 lane_id, kid, grant_ttl_ms, issued_at_ms, expires_at_ms)
+             SELECT e.grant_id, e.partition_key, e.execution_id, $3, $4, e.lane_id, $7, $8, $5, $6 FROM e)
+         SELECT execution_id, partition_key, lane_id, attempt_index, payload FROM e",
+        &[
+            ids.into(),
+            grants.into(),
+            worker_id.into(),
+            worker_instance_id.into(),
+            now.into(),
+            expires_at_ms.into(),
+            kid.into(),
+            ttl_ms.into(),
+        ],
+    )?;
+    let mut keys: HashMap<[u8; 16], String> = rows.into_iter().map(|r| (*r.uuid.as_bytes(), r.grant_key)).collect();
+    let mut out = Vec::new();
+    for row in t {
+        let uuid: pgrx::Uuid = row.get(1)?.ok_or_else(|| FfError::internal("NULL execution id"))?;
+        out.push(Leased {
+            id: ExecutionId { uuid: from_pg_uuid(&uuid), partition: row.get(2)?.unwrap_or(0) },
+            lane_id: row.get(3)?.unwrap_or_default(),
+            attempt: row.get(4)?.unwrap_or(0),
+            payload: row.get::<RawJsonb>(5)?,
+            grant_key: keys.remove(uuid.as_bytes()).unwrap_or_default(),
+        });
+    }
+    Ok(out)
+}
+
+/// Extends the lease of an execution the caller holds (after the fence).
+pub fn extend_lease(c: &mut SpiClient<'_>, uuid: &uuid::Uuid, attempt: i32, grant_id: &[u8], expires: i64) -> FfResult<()> {
+    exec(
+        c,
+        "WITH a AS (UPDATE ff_attempt SET lease_expires_at_ms = $3, lease_epoch = lease_epoch + 1
+                    WHERE execution_id = $1 AND attempt_index = $2),
+              g AS (UPDATE ff_claim_grant SET expires_at_ms = $3 WHERE grant_id = $4)
+         UPDATE ff_exec_core SET lease_expires_at_ms = $3 WHERE execution_id = $1",
+        &[pg_uuid(uuid).into(), attempt.into(), expires.into(), grant_id.to_vec().into()],
+    )?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Waiting on dependencies
+// ---------------------------------------------------------------------------
+
+/// Waiting/Delayed -> Blocked for the downstream of an applied edge (the
+/// caller holds its row and its flow). Returns its state before; an
+/// execution already blocked stays so, one that started or ended is left
+/// alone (the caller refuses the edge).
+pub fn block(c: &mut SpiClient<'_>, uuid: &pgrx::Uuid) -> FfResult<Option<State>> {
+    let t = exec(
+        c,
+        "WITH old AS (SELECT lifecycle_phase, eligibility_state, terminal_outcome FROM ff_exec_core
+                      WHERE execution_id = $1),
+              upd AS (UPDATE ff_exec_core SET eligibility_state = 'blocked_by_dependencies',
+                          public_state = 'waiting_children'
+                      WHERE execution_id = $1 AND lifecycle_phase = 'runnable'
+                        AND eligibility_state IN ('eligible_now', 'not_eligible_until_time'))
+         SELECT lifecycle_phase, eligibility_state, terminal_outcome FROM old",
+        &[(*uuid).into()],
+    )?;
+    let Some(row) = first_row(t) else { return Ok(None) };
+    let phase: String = col_req(&row, 1)?;
+    let eligibility: String = col_req(&row, 2)?;
+    let outcome: Option<String> = col(&row, 3)?;
+    Ok(State::from_columns(&phase, &eligibility, outcome.as_deref()))
+}
+
+/// Blocked -> Waiting (or Delayed until eligible_at_ms) for downstreams
+/// whose group was satisfied. Rows held by another transaction are skipped
+/// and returned, for the repair pass. Notifies the lanes of what became
+/// claimable.
+pub fn unblock(c: &mut SpiClient<'_>, uuids: &[pgrx::Uuid], now: i64) -> FfResult<Vec<pgrx::Uuid>> {
+    if uuids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let t = exec(
+        c,
+        "WITH mine AS (SELECT execution_id FROM ff_exec_core
+                       WHERE execution_id = ANY($1) AND lifecycle_phase = 'runnable'
+                         AND eligibility_state = 'blocked_by_dependencies'
+                       FOR NO KEY UPDATE SKIP LOCKED)
+         UPDATE ff_exec_core x
+         SET eligibility_state = CASE WHEN x.eligible_at_ms > $2 THEN 'not_eligible_until_time' ELSE 'eligible_now' END,
+             public_state = CASE WHEN x.eligible_at_ms > $2 THEN 'delayed' ELSE 'waiting' END
+         FROM mine WHERE x.execution_id = mine.execution_id
+         RETURNING x.execution_id, x.lane_id, x.eligibility_state = 'eligible_now'",
+        &[uuids.to_vec().into(), now.into()],
+    )?;
+    let mut done = BTreeSet::new();
+    let mut lanes = BTreeSet::new();
+    for row in t {
+        if let Some(id) = row.get::<pgrx::Uuid>(1)? {
+            done.insert(*id.as_bytes());
+        }
+        if row.get::<bool>(3)?.unwrap_or(false) {
+            lanes.insert(row.get::<String>(2)?.unwrap_or_default());
+        }
+    }
+    for lane in lanes {
+        notify_lane(c, &lane)?;
+    }
+    Ok(uuids.iter().filter(|u| !done.contains(u.as_bytes())).copied().collect())
+}
+
+/// Delayed -> Waiting for executions whose time has come (a reconciler:
+/// never waits on a lock). Returns how many.
+pub fn promote_due(c: &mut SpiClient<'_>, now: i64, limit: i64) -> FfResult<i64> {
+    let t = exec(
+        c,
+        "UPDATE ff_exec_core SET eligibility_state = 'eligible_now', public_state = 'waiting'
+         WHERE execution_id IN (
+             SELECT execution_id FROM ff_exec_core
+             WHERE eligibility_state = 'not_eligible_until_time' AND eligible_at_ms <= $1
+             ORDER BY eligible_at_ms LIMIT $2 FOR NO KEY UPDATE SKIP LOCKED)
+         RETURNING lane_id",
+        &[now.into(), limit.into()],
+    )?;
+    let lanes: Vec<String> = t.filter_map(|r| r.get::<String>(1).ok().flatten()).collect();
+    let promoted = lanes.len() as i64;
+    for lane in lanes.into_iter().collect::<BTreeSet<_>>() {
+        notify_lane(c, &lane)?;
+    }
+    Ok(promoted)
+}
+
+// ---------------------------------------------------------------------------
+// Endings
+// ---------------------------------------------------------------------------
+
+/// An execution that just became terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ended {
+    pub uuid: pgrx::Uuid,
+    pub flow: Option<pgrx::Uuid>,
+    pub outcome: Outcome,
+}
+
+/// How `finish` treats rows another transaction holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Wait for them: only for the execution row a call names (lock order 1).
+    Yes,
+    /// Skip them: under a flow row and in reconcilers.
+    SkipLocked,
+}
+
+/// What a terminal transition records.
+#[derive(Debug, Clone, Copy)]
+pub struct Ending<'a> {
+    pub outcome: Outcome,
+    pub result: Option<RawJsonb>,
+    pub error: Option<&'a str>,
+    pub reason: Option<&'a str>,
+    /// The cascade runs in this call, so the event is written dispatched.
+    pub dispatched: bool,
+}
+
+/// Any live state -> Terminal for `uuids`: ends a running attempt (freeing
+/// its quota slot and its budget reservation), writes one completion event
+/// each, and returns what ended. Already-terminal rows, and with
+/// `Wait::SkipLocked` rows held elsewhere, are left out. Flow members must
+/// be ended under their flow's lock (`flow::lock`), which also takes the
+/// returned endings into the flow's counters and runs their cascade.
+pub fn finish(c: &mut SpiClient<'_>, uuids: &[pgrx::Uuid], e: &Ending<'_>, wait: Wait, now: i64) -> FfResult<Vec<Ended>> {
+    if uuids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = match wait {
+        Wait::Yes => FINISH_WAIT,
+        Wait::SkipLocked => FINISH_SKIP_LOCKED,
+    };
+    let t = exec(
+        c,
+        sql,
+        &[
+            uuids.to_vec().into(),
+            e.outcome.as_str().into(),
+            e.outcome.public_state().into(),
+            e.result.into(),
+            e.error.into(),
+            e.reason.into(),
+            now.into(),
+            e.dispatched.into(),
+        ],
+    )?;
+    let mut out = Vec::new();
+    for row in t {
+        let Some(uuid) = row.get::<pgrx::Uuid>(1)? else { continue };
+        out.push(Ended { uuid, flow: row.get(2)?, outcome: e.outcome });
+    }
+    Ok(out)
+}
+
+// The two forms of `finish`, differing only in how they lock. The row's
+// previous phase comes from the locking subquery, so the attempt, the quota
+// slot and the reservation are released only for executions that were
+// active.
+macro_rules! finish_sql {
+    ($lock:literal) => {
+        concat!(
+            "WITH old AS (
+                 SELECT execution_id, lifecycle_phase AS was, attempt_index, quota_policy_id FROM ff_exec_core
+                 WHERE execution_id = ANY($1) AND lifecycle_phase <> 'terminal' ",
+            $lock,
+            "),
+             ended AS (
+                 UPDATE ff_exec_core x SET lifecycle_phase = 'terminal', ownership_state = 'unowned',
+                     eligibility_state = 'not_applicable', attempt_state = 'attempt_terminal',
+                     public_state = $3, terminal_outcome = $2, result = coalesce($4, x.result),
+                     last_error = coalesce($5, x.last_error), cancellation_reason = coalesce($6, x.cancellation_reason),
+                     terminal_at_ms = $7, lease_expires_at_ms = NULL, current_grant_id = NULL
+                 FROM old WHERE x.execution_id = old.execution_id
+                 RETURNING x.execution_id, x.partition_key, x.flow_id, x.namespace, x.instance_tag,
+                           old.was, old.attempt_index, old.quota_policy_id),
+             att AS (
+                 UPDATE ff_attempt a SET outcome = $2, error = $5, terminal_at_ms = $7, lease_expires_at_ms = NULL
+                 FROM ended e WHERE e.was = 'active' AND a.execution_id = e.execution_id
+                   AND a.attempt_index = e.attempt_index),
+             quota AS (
+                 DELETE FROM ff_quota_admitted q USING ended e
+                 WHERE e.was = 'active' AND q.quota_policy_id = e.quota_policy_id AND q.execution_id = e.execution_id),
+             reserve AS (
+                 UPDATE ff_budget_usage_by_exec l SET reserved = 0, updated_at_ms = $7
+                 FROM ended e WHERE e.was = 'active' AND l.execution_id = e.execution_id AND l.reserved > 0),
+             ev AS (
+                 INSERT INTO ff_completion_event (partition_key, execution_id, flow_id, outcome, namespace,
+                     instance_tag, occurred_at_ms, dispatched_at_ms)
+                 SELECT partition_key, execution_id, flow_id, $2, namespace, instance_tag, $7,
+                        CASE WHEN $8 THEN $7 END
+                 FROM ended)
+             SELECT execution_id, flow_id FROM ended"
+        )
+    };
+}
+const FINISH_WAIT: &str = finish_sql!("FOR NO KEY UPDATE");
+const FINISH_SKIP_LOCKED: &str = finish_sql!("FOR NO KEY UPDATE SKIP LOCKED");
+
+/// Active -> Waiting (or Delayed until `eligible_at_ms`) for an execution
+/// the caller holds: ends the running attempt and frees its quota slot and
+/// reservation. The lane is notified when it is claimable now; delayed
+/// promotion notifies when the time comes.
+pub fn requeue(c: &mut SpiClient<'_>, uuid: &uuid::Uuid, outcome: &str, error: &str, eligible_at_ms: i64, now: i64) -> FfResult<()> {
+    let t = exec(
+        c,
+        "WITH old AS (SELECT execution_id, attempt_index, quota_policy_id FROM ff_exec_core
+                      WHERE execution_id = $1 AND lifecycle_phase = 'active'),
+              att AS (UPDATE ff_attempt a SET outcome = $5, error = $2, terminal_at_ms = $4, lease_expires_at_ms = NULL
+                      FROM old WHERE a.execution_id = old.execution_id AND a.attempt_index = old.attempt_index),
+              quota AS (DELETE FROM ff_quota_admitted q USING old
+                        WHERE q.quota_policy_id = old.quota_policy_id AND q.execution_id = old.execution_id),
+              reserve AS (UPDATE ff_budget_usage_by_exec l SET reserved = 0, updated_at_ms = $4
+                          FROM old WHERE l.execution_id = old.execution_id AND l.reserved > 0)
+         UPDATE ff_exec_core x SET lifecycle_phase = 'runnable', ownership_state = 'unowned',
+             eligibility_state = CASE WHEN $3 > $4 THEN 'not_eligible_until_time' ELSE 'eligible_now' END,
+             public_state = CASE WHEN $3 > $4 THEN 'delayed' ELSE 'waiting' END,
+             attempt_state = 'pending_retry_attempt', eligible_at_ms = $3, last_error = $2,
+             lease_expires_at_ms = NULL, current_worker_id = NULL, current_worker_instance_id = NULL,
+             current_grant_id = NULL
+         FROM old WHERE x.execution_id = old.execution_id
+         RETURNING x.lane_id",
+        &[pg_uuid(uuid).into(), error.into(), eligible_at_ms.into(), now.into(), outcome.into()],
+    )?;
+    let lane: Option<String> = first_row(t).map(|r| col_req(&r, 1)).transpose()?;
+    match lane {
+        Some(lane) if eligible_at_ms <= now => notify_lane(c, &lane),
+        _ => Ok(()),
+    }
+}
+
+/// Terminal (failed, expired or cancelled) -> Waiting for a solo execution:
+/// `ff_retry_execution`. With `reset_attempts` it gets its full
+/// `max_attempts` again; otherwise exactly one more attempt. Attempts keep
+/// their numbers; `attempt_offset` is where the current allowance starts.
+pub fn revive(c: &mut SpiClient<'_>, id: &ExecutionId, reset_attempts: bool) -> FfResult<&'static str> {
+    let t = exec(
+        c,
+        "SELECT lifecycle_phase, terminal_outcome, flow_id FROM ff_exec_core
+         WHERE execution_id = $1 AND partition_key = $2 FOR NO KEY UPDATE",
+        &[pg_uuid(&id.uuid).into(), id.partition.into()],
+    )?;
+    let row = first_row(t).ok_or_else(|| FfError::not_found(format!("execution {id} does not exist")))?;
+    let phase: String = col_req(&row, 1)?;
+    let outcome: Option<String> = col(&row, 2)?;
+    if let Some(flow) = col::<pgrx::Uuid>(&row, 3)? {
+        return Err(FfError::wrong_state(format!(
+            "execution {id} belongs to flow {flow}; flow members retry through max_attempts, and a failed flow is submitted again"
+        )));
+    }
+    match (phase.as_str(), outcome.as_deref()) {
+        ("terminal", Some("failed" | "expired" | "cancelled")) => {}
+        ("terminal", Some(other)) => {
+            return Err(FfError::wrong_state(format!("execution {id} ended {other}; only failed, expired or cancelled ones can be retried")))
+        }
+        _ => return Ok("already_live"),
+    }
+    let t = exec(
+        c,
+        "UPDATE ff_exec_core SET lifecycle_phase = 'runnable', eligibility_state = 'eligible_now',
+             public_state = 'waiting', attempt_state = 'pending_retry_attempt', terminal_outcome = NULL,
+             terminal_at_ms = NULL, eligible_at_ms = 0, cancellation_reason = NULL,
+             attempt_offset = CASE WHEN $2 THEN attempt_index ELSE attempt_index - max_attempts + 1 END
+         WHERE execution_id = $1
+         RETURNING lane_id",
+        &[pg_uuid(&id.uuid).into(), reset_attempts.into()],
+    )?;
+    if let Some(row) = first_row(t) {
+        notify_lane(c, &col_req::<String>(&row, 1)?)?;
+    }
+    Ok("requeued")
+}
+
+// ---------------------------------------------------------------------------
+// Notifications
+// ---------------------------------------------------------------------------
+
 /// The channel a worker LISTENs on for new eligible work of `lane_id`:
 /// `ff_lane_<lane>` while that fits a channel name (63 bytes), else
 /// `ff_lane_` plus a SHA-256 prefix of the lane.
@@ -68,238 +1057,91 @@ pub fn notify_lane(c: &mut SpiClient<'_>, lane_id: &str) -> FfResult<()> {
     Ok(())
 }
 
-/// Everything `ff_create_execution` accepts, validated.
-#[derive(Debug, Clone)]
-pub struct NewExecution {
-    pub lane_id: String,
-    pub payload: Option<RawJsonb>,
-    pub priority: i32,
-    pub required_capabilities: Vec<String>,
-    pub budget_ids: Vec<String>,
-    pub quota_policy_id: Option<String>,
-    pub flow_id: Option<uuid::Uuid>,
-    pub execution_id: Option<uuid::Uuid>,
-    pub delay_until_ms: Option<i64>,
-    pub max_attempts: i32,
-}
+// ---------------------------------------------------------------------------
+// Reading
+// ---------------------------------------------------------------------------
 
-impl NewExecution {
-    pub fn validate(mut self) -> FfResult<Self> {
-        check_text_id("lane_id", &self.lane_id)?;
-        if self.budget_ids.len() > MAX_BUDGETS_PER_EXECUTION {
-            return Err(FfError::invalid(format!(
-                "{} budget_ids given; the limit is {MAX_BUDGETS_PER_EXECUTION}",
-                self.budget_ids.len()
-            )));
-        }
-        for b in &self.budget_ids {
-            check_text_id("budget_id", b)?;
-        }
-        self.budget_ids.sort();
-        self.budget_ids.dedup();
-        if let Some(q) = &self.quota_policy_id {
-            check_text_id("quota_policy_id", q)?;
-        }
-        if !(1..=MAX_ATTEMPTS_LIMIT).contains(&self.max_attempts) {
-            return Err(FfError::invalid(format!(
-                "max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}, got {}",
-                self.max_attempts
-            )));
-        }
-        if let Some(d) = self.delay_until_ms.filter(|d| *d < 0) {
-            return Err(FfError::invalid(format!("delay_until_ms must be >= 0, got {d}")));
-        }
-        Ok(self)
-    }
-}
-
-/// Inserts the execution, eligible now or at `delay_until_ms`. Creating an
-/// id that exists already is a no-op that returns the existing id.
-pub fn create_execution(e: &NewExecution) -> FfResult<String> {
+/// An execution as jsonb, built in SQL: payload and result are embedded as
+/// stored (no round trip through serde, so any depth and any numeric survive).
+pub fn execution_info(id: &ExecutionId) -> FfResult<RawJsonb> {
     with_spi(|c| {
-        // The slot is crc16 % num_flow_partitions, taken inside the INSERT.
-        let slot = i32::from(match &e.flow_id {
-            Some(flow) => crc16(flow.as_bytes()),
-            None => crc16(e.lane_id.as_bytes()),
-        });
-        let uuid = e.execution_id.unwrap_or_else(uuid::Uuid::new_v4);
-        let now = now_ms();
-        let delayed = e.delay_until_ms.is_some_and(|d| d > now);
         let t = exec(
             c,
-            "INSERT INTO ff_exec_core (execution_id, partition_key, lane_id, payload, priority,
-                 required_capabilities, budget_ids, quota_policy_id, max_attempts, eligible_at_ms,
-                 lifecycle_phase, eligibility_state, public_state, attempt_state, created_at_ms)
-             VALUES ($1, ($2 % (SELECT num_flow_partitions FROM ff_partition_config))::smallint,
-                 $3, $4, $5, $6, $7, $8, $9, $10, 'runnable',
-                 CASE WHEN $11 THEN 'not_eligible_until_time' ELSE 'eligible_now' END,
-                 CASE WHEN $11 THEN 'delayed' ELSE 'waiting' END,
-                 'pending_first_attempt', $12)
-             ON CONFLICT (execution_id) DO NOTHING
-             RETURNING partition_key",
-            &[
-                pg_uuid(&uuid).into(),
-                slot.into(),
-                e.lane_id.as_str().into(),
-                e.payload.into(),
-                e.priority.into(),
-                e.required_capabilities.clone().into(),
-                e.budget_ids.clone().into(),
-                e.quota_policy_id.clone().into(),
-                e.max_attempts.into(),
-                e.delay_until_ms.unwrap_or(0).into(),
-                delayed.into(),
-                now.into(),
-            ],
+            "SELECT jsonb_build_object(
+                 'execution_id', $3::text, 'lane_id', lane_id, 'flow_id', flow_id, 'node_name', node_name,
+                 'namespace', namespace, 'priority', priority, 'required_capabilities', required_capabilities,
+                 'budget_ids', budget_ids, 'budget_reserve', budget_reserve, 'quota_policy_id', quota_policy_id,
+                 'unique_key', unique_key, 'lifecycle_phase', lifecycle_phase,
+                 'ownership_state', ownership_state, 'eligibility_state', eligibility_state,
+                 'public_state', public_state, 'attempt_state', attempt_state,
+                 'terminal_outcome', terminal_outcome, 'attempt_index', attempt_index,
+                 'max_attempts', max_attempts,
+                 'retry_policy', jsonb_build_object('base_ms', retry_base_ms, 'max_ms', retry_max_ms, 'jitter', retry_jitter),
+                 'payload', payload, 'result', result, 'last_error', last_error,
+                 'cancellation_reason', cancellation_reason, 'worker_id', current_worker_id,
+                 'lease_expires_at_ms', lease_expires_at_ms, 'eligible_at_ms', eligible_at_ms,
+                 'created_at_ms', created_at_ms, 'started_at_ms', started_at_ms, 'terminal_at_ms', terminal_at_ms)
+             FROM ff_exec_core WHERE execution_id = $1 AND partition_key = $2",
+            &[pg_uuid(&id.uuid).into(), id.partition.into(), id.to_string().into()],
         )?;
-        let partition: i16 = match first_row(t) {
-            Some(row) => col_req(&row, 1)?,
-            None => {
-                let t = exec(c, "SELECT partition_key FROM ff_exec_core WHERE execution_id = $1", &[pg_uuid(&uuid).into()])?;
-                let row = first_row(t).ok_or_else(|| FfError::internal("execution vanished after a conflict"))?;
-                return Ok(ExecutionId { partition: col_req(&row, 1)?, uuid }.to_string());
-            }
-        };
-        if !delayed {
-            notify_lane(c, &e.lane_id)?;
-        }
-        Ok(ExecutionId { partition, uuid }.to_string())
+        let row = first_row(t).ok_or_else(|| FfError::not_found(format!("execution {id} does not exist")))?;
+        RawJsonb::from_spi(&row, 1)?.ok_or_else(|| FfError::internal("jsonb_build_object returned NULL"))
     })
 }
 
-pub fn pg_uuid(u: &uuid::Uuid) -> pgrx::Uuid {
-    pgrx::Uuid::from_bytes(*u.as_bytes())
+// ---------------------------------------------------------------------------
+// SQL API
+// ---------------------------------------------------------------------------
+
+fn text_list(v: Option<Vec<Option<String>>>, name: &str) -> FfResult<Vec<String>> {
+    required(v, name)?.into_iter().map(|b| required(b, &format!("{name} element"))).collect()
 }
 
-pub fn from_pg_uuid(u: &pgrx::Uuid) -> uuid::Uuid {
-    uuid::Uuid::from_bytes(*u.as_bytes())
-}
-
-/// Writes the completion event of an execution that just became terminal
-/// and returns its id.
-pub fn record_completion(c: &mut SpiClient<'_>, execution: &uuid::Uuid, outcome: &str, now: i64) -> FfResult<i64> {
-    let t = exec(
-        c,
-        "INSERT INTO ff_completion_event (partition_key, execution_id, flow_id, outcome, namespace,
-             instance_tag, occurred_at_ms)
-         SELECT partition_key, execution_id, flow_id, $2, namespace, instance_tag, $3
-         FROM ff_exec_core WHERE execution_id = $1
-         RETURNING event_id",
-        &[pg_uuid(execution).into(), outcome.into(), now.into()],
-    )?;
-    let row = first_row(t).ok_or_else(|| FfError::internal("completion event for a missing execution"))?;
-    col_req(&row, 1)
-}
-
-/// Ends the running attempt and frees the quota slot the lease held. Its
-/// grant row stays until it expires, so a late call with it is told the
-/// grant is stale rather than unknown. Shared by every way an execution leaves `active`.
-pub fn end_attempt(
-    c: &mut SpiClient<'_>,
-    uuid: &uuid::Uuid,
-    attempt_index: i32,
-    quota_policy_id: Option<&str>,
-    partition: i16,
-    outcome: &str,
-    error: Option<&str>,
-    now: i64,
-) -> FfResult<()> {
-    exec(
-        c,
-        "UPDATE ff_attempt SET outcome = $3, error = $4, terminal_at_ms = $5, lease_expires_at_ms = NULL
-         WHERE execution_id = $1 AND attempt_index = $2",
-        &[pg_uuid(uuid).into(), attempt_index.into(), outcome.into(), error.into(), now.into()],
-    )?;
-    if let Some(q) = quota_policy_id {
-        quota::release(c, q, &ExecutionId { partition, uuid: *uuid }.to_string(), now)?;
+/// Turns the SQL arguments shared by `ff_create_execution` and
+/// `ff_create_executions` into validated options.
+#[allow(clippy::too_many_arguments)]
+pub fn options_from_args(
+    lane_id: Option<String>,
+    priority: Option<i32>,
+    required_capabilities: Option<Vec<Option<String>>>,
+    budget_ids: Option<Vec<Option<String>>>,
+    quota_policy_id: Option<String>,
+    flow_id: Option<pgrx::Uuid>,
+    delay_until_ms: Option<i64>,
+    max_attempts: Option<i32>,
+    budget_reserve: Option<RawJsonb>,
+    unique_key: Option<String>,
+    retry_policy: Option<RawJsonb>,
+) -> FfResult<Options> {
+    Options {
+        lane_id: required(lane_id, "lane_id")?,
+        priority: required(priority, "priority")?,
+        required_capabilities: normalize_capabilities(
+            "required_capabilities",
+            &required(required_capabilities, "required_capabilities")?,
+        )?,
+        budget_ids: text_list(budget_ids, "budget_ids")?,
+        budget_reserve: match budget_reserve {
+            Some(r) => parse_reserve(&r.to_value("budget_reserve")?)?,
+            None => BTreeMap::new(),
+        },
+        quota_policy_id,
+        flow_id: flow_id.as_ref().map(from_pg_uuid),
+        delay_until_ms,
+        max_attempts: required(max_attempts, "max_attempts")?,
+        unique_key,
+        retry: match retry_policy {
+            Some(r) => RetryPolicy::parse(&r.to_value("retry_policy")?)?,
+            None => RetryPolicy::default(),
+        },
     }
-    Ok(())
-}
-
-/// Makes an execution terminal with `outcome` and writes its completion
-/// event; returns the event id.
-pub fn make_terminal(
-    c: &mut SpiClient<'_>,
-    uuid: &uuid::Uuid,
-    outcome: &str,
-    public_state: &str,
-    result: Option<RawJsonb>,
-    error: Option<&str>,
-    now: i64,
-) -> FfResult<i64> {
-    exec(
-        c,
-        "UPDATE ff_exec_core SET lifecycle_phase = 'terminal', ownership_state = 'unowned',
-             eligibility_state = 'not_applicable', attempt_state = 'attempt_terminal',
-             public_state = $3, terminal_outcome = $2, result = coalesce($4, result),
-             last_error = coalesce($5, last_error), terminal_at_ms = $6, lease_expires_at_ms = NULL,
-             current_grant_id = NULL
-         WHERE execution_id = $1",
-        &[pg_uuid(uuid).into(), outcome.into(), public_state.into(), result.into(), error.into(), now.into()],
-    )?;
-    record_completion(c, uuid, outcome, now)
-}
-
-/// Puts an execution back in the queue, claimable from `eligible_at_ms`
-/// (delayed until then); its lane is notified when it is claimable now,
-/// otherwise delayed promotion notifies when the time comes.
-pub fn requeue(c: &mut SpiClient<'_>, uuid: &uuid::Uuid, error: &str, eligible_at_ms: i64, now: i64) -> FfResult<()> {
-    let t = exec(
-        c,
-        "UPDATE ff_exec_core SET lifecycle_phase = 'runnable', ownership_state = 'unowned',
-             eligibility_state = CASE WHEN $3 > $4 THEN 'not_eligible_until_time' ELSE 'eligible_now' END,
-             public_state = CASE WHEN $3 > $4 THEN 'delayed' ELSE 'waiting' END,
-             attempt_state = 'pending_retry_attempt', eligible_at_ms = $3, last_error = $2,
-             lease_expires_at_ms = NULL, current_worker_id = NULL, current_worker_instance_id = NULL,
-             current_grant_id = NULL
-         WHERE execution_id = $1
-         RETURNING lane_id",
-        &[pg_uuid(uuid).into(), error.into(), eligible_at_ms.into(), now.into()],
-    )?;
-    let lane: Option<String> = first_row(t).map(|r| col_req(&r, 1)).transpose()?;
-    match lane {
-        Some(lane) if eligible_at_ms <= now => notify_lane(c, &lane),
-        _ => Ok(()),
-    }
-}
-
-/// Ends a non-terminal execution with `outcome` whatever it was doing,
-/// ending its attempt if it was claimed. Returns the completion event, or
-/// `None` when it was already terminal (or, with `skip_locked`, locked by a
-/// transaction that is about to settle it).
-pub fn terminate(
-    c: &mut SpiClient<'_>,
-    uuid: &uuid::Uuid,
-    outcome: &str,
-    public_state: &str,
-    reason: Option<&str>,
-    skip_locked: bool,
-    now: i64,
-) -> FfResult<Option<i64>> {
-    let sql = if skip_locked {
-        "SELECT lifecycle_phase, attempt_index, quota_policy_id, partition_key FROM ff_exec_core
-         WHERE execution_id = $1 FOR NO KEY UPDATE SKIP LOCKED"
-    } else {
-        "SELECT lifecycle_phase, attempt_index, quota_policy_id, partition_key FROM ff_exec_core
-         WHERE execution_id = $1 FOR NO KEY UPDATE"
-    };
-    let t = exec(c, sql, &[pg_uuid(uuid).into()])?;
-    let Some(row) = first_row(t) else { return Ok(None) };
-    let phase: String = col_req(&row, 1)?;
-    if phase == "terminal" {
-        return Ok(None);
-    }
-    if phase == "active" {
-        let attempt: i32 = col_req(&row, 2)?;
-        let quota: Option<String> = crate::db::col(&row, 3)?;
-        end_attempt(c, uuid, attempt, quota.as_deref(), col_req(&row, 4)?, outcome, reason, now)?;
-    }
-    exec(c, "UPDATE ff_exec_core SET cancellation_reason = $2 WHERE execution_id = $1", &[pg_uuid(uuid).into(), reason.into()])?;
-    make_terminal(c, uuid, outcome, public_state, None, None, now).map(Some)
+    .validate()
 }
 
 /// Creates an execution on `lane_id`, claimable at once (or at
-/// `delay_until_ms`). Returns its `{fp:N}:<uuid>` id.
+/// `delay_until_ms`). Returns its `{fp:N}:<uuid>` id; an existing
+/// `execution_id`, or a live execution of the lane with the same
+/// `unique_key`, is returned instead of creating another.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 #[allow(clippy::too_many_arguments)]
@@ -314,62 +1156,84 @@ fn ff_create_execution(
     execution_id: default!(Option<pgrx::Uuid>, "NULL"),
     delay_until_ms: default!(Option<i64>, "NULL"),
     max_attempts: default!(Option<i32>, 1),
+    budget_reserve: default!(Option<RawJsonb>, "NULL"),
+    unique_key: default!(Option<String>, "NULL"),
+    retry_policy: default!(Option<RawJsonb>, "NULL"),
 ) -> String {
     (|| {
-        let budget_ids = required(budget_ids, "budget_ids")?
-            .into_iter()
-            .map(|b| required(b, "budget_ids element"))
-            .collect::<FfResult<Vec<_>>>()?;
-        let e = NewExecution {
-            lane_id: required(lane_id, "lane_id")?,
-            payload,
-            priority: required(priority, "priority")?,
-            required_capabilities: normalize_capabilities(
-                "required_capabilities",
-                &required(required_capabilities, "required_capabilities")?,
-            )?,
-            budget_ids,
-            quota_policy_id,
-            flow_id: flow_id.as_ref().map(from_pg_uuid),
-            execution_id: execution_id.as_ref().map(from_pg_uuid),
-            delay_until_ms,
-            max_attempts: required(max_attempts, "max_attempts")?,
-        }
-        .validate()?;
-        create_execution(&e)
+        let o = options_from_args(
+            lane_id, priority, required_capabilities, budget_ids, quota_policy_id, flow_id, delay_until_ms,
+            max_attempts, budget_reserve, unique_key, retry_policy,
+        )?;
+        with_spi(|c| {
+            check_references(c, &o)?;
+            let row = NewRow { options: &o, execution_id: execution_id.as_ref().map(from_pg_uuid), payload, node_name: None, member: false, blocked: false };
+            let ids = create(c, &[row], None)?;
+            ids.first().map(|id| id.to_string()).ok_or_else(|| FfError::internal("no execution created"))
+        })
     })()
     .or_raise()
 }
 
-pub fn execution_info(id: &ExecutionId) -> FfResult<serde_json::Value> {
-    with_spi(|c| {
-        let t = exec(
-            c,
-            "SELECT jsonb_build_object(
-                 'execution_id', $3::text, 'lane_id', lane_id, 'flow_id', flow_id, 'namespace', namespace,
-                 'priority', priority, 'required_capabilities', required_capabilities, 'budget_ids', budget_ids,
-                 'quota_policy_id', quota_policy_id, 'lifecycle_phase', lifecycle_phase,
-                 'ownership_state', ownership_state, 'eligibility_state', eligibility_state,
-                 'public_state', public_state, 'attempt_state', attempt_state,
-                 'terminal_outcome', terminal_outcome, 'attempt_index', attempt_index,
-                 'max_attempts', max_attempts, 'payload', payload, 'result', result, 'last_error', last_error,
-                 'cancellation_reason', cancellation_reason, 'worker_id', current_worker_id,
-                 'lease_expires_at_ms', lease_expires_at_ms, 'eligible_at_ms', eligible_at_ms,
-                 'created_at_ms', created_at_ms, 'started_at_ms', started_at_ms, 'terminal_at_ms', terminal_at_ms)
-             FROM ff_exec_core WHERE execution_id = $1 AND partition_key = $2",
-            &[pg_uuid(&id.uuid).into(), id.partition.into(), id.to_string().into()],
+/// Creates one execution per payload, all with the same options, in one
+/// statement; returns their ids in the order of `payloads`.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(@extschema@, pg_temp)]
+#[allow(clippy::too_many_arguments)]
+fn ff_create_executions(
+    lane_id: Option<String>,
+    payloads: Option<RawJsonbArray>,
+    priority: default!(Option<i32>, 0),
+    required_capabilities: default!(Option<Vec<Option<String>>>, "'{}'"),
+    budget_ids: default!(Option<Vec<Option<String>>>, "'{}'"),
+    quota_policy_id: default!(Option<String>, "NULL"),
+    flow_id: default!(Option<pgrx::Uuid>, "NULL"),
+    delay_until_ms: default!(Option<i64>, "NULL"),
+    max_attempts: default!(Option<i32>, 1),
+    budget_reserve: default!(Option<RawJsonb>, "NULL"),
+    unique_key: default!(Option<String>, "NULL"),
+    retry_policy: default!(Option<RawJsonb>, "NULL"),
+) -> Vec<String> {
+    (|| {
+        let payloads = required(payloads, "payloads")?.elements();
+        if payloads.len() > MAX_BATCH {
+            return Err(FfError::invalid(format!("{} payloads given; the limit is {MAX_BATCH}", payloads.len())));
+        }
+        let o = options_from_args(
+            lane_id, priority, required_capabilities, budget_ids, quota_policy_id, flow_id, delay_until_ms,
+            max_attempts, budget_reserve, unique_key, retry_policy,
         )?;
-        let row = first_row(t).ok_or_else(|| FfError::not_found(format!("execution {id} does not exist")))?;
-        Ok(col_req::<JsonB>(&row, 1)?.0)
-    })
+        with_spi(|c| {
+            check_references(c, &o)?;
+            let rows: Vec<NewRow<'_>> = payloads
+                .iter()
+                .map(|p| NewRow { options: &o, execution_id: None, payload: *p, node_name: None, member: false, blocked: false })
+                .collect();
+            Ok(create(c, &rows, None)?.iter().map(ExecutionId::to_string).collect())
+        })
+    })()
+    .or_raise()
 }
 
 /// State, payload, result and lease of one execution as jsonb (what a
 /// worker reads after a claim). Unknown execution: P0002.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
-fn ff_get_execution(execution_id: Option<String>) -> JsonB {
-    JsonB((|| execution_info(&ExecutionId::parse(&required(execution_id, "execution_id")?)?))().or_raise())
+fn ff_get_execution(execution_id: Option<String>) -> RawJsonb {
+    (|| execution_info(&ExecutionId::parse(&required(execution_id, "execution_id")?)?))().or_raise()
+}
+
+/// Puts a failed, expired or cancelled solo execution back in the queue:
+/// 'requeued', or 'already_live' when it has not ended.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(@extschema@, pg_temp)]
+fn ff_retry_execution(execution_id: Option<String>, reset_attempts: default!(Option<bool>, true)) -> &'static str {
+    (|| {
+        let id = ExecutionId::parse(&required(execution_id, "execution_id")?)?;
+        let reset = required(reset_attempts, "reset_attempts")?;
+        with_spi(|c| revive(c, &id, reset))
+    })()
+    .or_raise()
 }
 
 /// The NOTIFY channel announcing new eligible work on a lane (LISTEN on it).
@@ -381,6 +1245,7 @@ fn ff_lane_channel(lane_id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn capabilities_are_sorted_deduplicated_and_checked() {
@@ -399,5 +1264,62 @@ mod tests {
         assert_eq!(lane_channel("default"), "ff_lane_default");
         let long = lane_channel(&"l".repeat(200));
         assert!(long.len() <= 63 && long.starts_with("ff_lane_"));
+    }
+
+    #[test]
+    fn states_map_to_flowfabric_columns_and_back() {
+        for s in [
+            State::Waiting,
+            State::Delayed,
+            State::Blocked,
+            State::Active,
+            State::Terminal(Outcome::Success),
+            State::Terminal(Outcome::Failed),
+            State::Terminal(Outcome::Cancelled),
+            State::Terminal(Outcome::Skipped),
+            State::Terminal(Outcome::Expired),
+        ] {
+            let (phase, eligibility, _) = s.columns();
+            let outcome = match s {
+                State::Terminal(o) => Some(o.as_str()),
+                _ => None,
+            };
+            assert_eq!(State::from_columns(phase, eligibility, outcome), Some(s));
+        }
+        assert_eq!(State::Terminal(Outcome::Success).columns().2, "completed");
+    }
+
+    #[test]
+    fn buckets() {
+        assert_eq!(Outcome::Success.bucket(), Bucket::Success);
+        assert_eq!(Outcome::Skipped.bucket(), Bucket::Skip);
+        for o in [Outcome::Failed, Outcome::Cancelled, Outcome::Expired] {
+            assert_eq!(o.bucket(), Bucket::Fail);
+        }
+        assert_eq!(Bucket::of_outcome("anything"), Bucket::Fail);
+        assert!(Outcome::Expired.fails_flow() && !Outcome::Cancelled.fails_flow() && !Outcome::Skipped.fails_flow());
+    }
+
+    #[test]
+    fn retry_policy_parsing_and_backoff() {
+        assert_eq!(RetryPolicy::parse(&json!({})).unwrap(), RetryPolicy::default());
+        let p = RetryPolicy::parse(&json!({"base_ms": 500, "max_ms": 3000, "jitter": false})).unwrap();
+        assert_eq!((p.backoff_ms(2, 0.3), p.backoff_ms(3, 0.3), p.backoff_ms(4, 0.3), p.backoff_ms(9, 0.3)), (500, 1000, 2000, 3000));
+        let j = RetryPolicy { jitter: true, ..p };
+        assert_eq!(j.backoff_ms(3, 0.5), 500);
+        assert!(j.backoff_ms(3, 0.999) < 1000);
+        assert_eq!(RetryPolicy::default().ceiling_ms(200), 60_000);
+        for bad in [json!([]), json!({"base_ms": 0}), json!({"max_ms": -1}), json!({"jitter": "yes"}),
+                    json!({"base_ms": 5000, "max_ms": 10}), json!({"bse_ms": 5}), json!({"base_ms": 1.5})] {
+            assert!(RetryPolicy::parse(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn reserves_are_positive_integers() {
+        assert_eq!(parse_reserve(&json!({"tokens": 800})).unwrap().get("tokens"), Some(&800));
+        for bad in [json!({"tokens": 0}), json!({"tokens": -1}), json!({"tokens": "1"}), json!([1]), json!({"": 1})] {
+            assert!(parse_reserve(&bad).is_err(), "{bad}");
+        }
     }
 }

@@ -1,41 +1,156 @@
 //! Flows: dependency DAGs over executions. Staging is compare-and-swap on
 //! the graph revision and refuses cycles; applying an edge blocks its
-//! downstream until the edge group fires (see `dispatch`).
+//! downstream until the edge group fires (see `dispatch`). A flow is `open`
+//! until every member is terminal, then `completed`, `failed` or
+//! `cancelled`, announced on `ff_flow_events`.
+//!
+//! Every change to a flow's graph and every ending of a member happens
+//! under the flow row's lock (lock order 2, after the execution row a call
+//! names), so building a flow while its members run is serialised with the
+//! cascade: an edge applied while its upstream ends either sees the ending
+//! or is seen by it.
 
 use crate::db::{col, col_req, exec, first_row, now_ms, with_spi};
-use crate::dispatch::{bucket, decide, drain, fire, Counts, GroupPolicy};
+use crate::dispatch::{self, count, Delta, GroupPolicy};
 use crate::error::{required, FfError, FfResult, OrRaise};
-use crate::exec::{pg_uuid, terminate};
+use crate::exec::{self, pg_uuid, Bucket, Ended, Ending, Outcome, State, Wait};
 use crate::ids::{check_text_id, clip, crc16, ExecutionId};
 use crate::jsonb::RawJsonb;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use pgrx::JsonB;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet};
 
 type Uuid = pgrx::Uuid;
+
+/// The channel flow endings are announced on.
+pub const EVENTS_CHANNEL: &str = "ff_flow_events";
 
 fn flow_missing(flow: &Uuid) -> FfError {
     FfError::not_found(format!("flow {flow} does not exist"))
 }
 
-/// Locks a flow row and returns (partition, graph_revision, state, node_count).
-fn lock_flow(c: &mut SpiClient<'_>, flow: &Uuid) -> FfResult<(i16, i64, String, i32)> {
-    let t = exec(
-        c,
-        "SELECT partition_key, graph_revision, public_flow_state, node_count FROM ff_flow_core
-         WHERE flow_id = $1 FOR UPDATE",
-        &[(*flow).into()],
-    )?;
-    let row = first_row(t).ok_or_else(|| flow_missing(flow))?;
-    Ok((col_req(&row, 1)?, col_req(&row, 2)?, col_req(&row, 3)?, col_req(&row, 4)?))
+/// A flow row locked by this transaction, and the member endings counted
+/// under it; `release` writes them back in one update.
+#[derive(Debug)]
+pub struct FlowLock {
+    pub id: Uuid,
+    pub partition: i16,
+    pub namespace: String,
+    pub state: String,
+    pub revision: i64,
+    pub node_count: i32,
+    pub cancel_requested: bool,
+    ended: i32,
+    failed: i32,
 }
 
-fn refuse_terminal(flow: &Uuid, state: &str) -> FfResult<()> {
-    if state != "open" {
-        return Err(FfError::wrong_state(format!("flow {flow} is {state}; its graph can no longer change")));
+impl FlowLock {
+    /// Whether the graph may still change.
+    pub fn is_open(&self) -> bool {
+        self.state == "open" && !self.cancel_requested
     }
+
+    pub fn refuse_unless_open(&self) -> FfResult<()> {
+        if self.state != "open" {
+            return Err(FfError::wrong_state(format!("flow {} is {}; its graph can no longer change", self.id, self.state)));
+        }
+        if self.cancel_requested {
+            return Err(FfError::wrong_state(format!("flow {} is being cancelled; its graph can no longer change", self.id)));
+        }
+        Ok(())
+    }
+
+    /// Takes members that just became terminal into the flow's counters.
+    pub fn record_ended(&mut self, ended: &[Ended]) {
+        for e in ended {
+            self.ended += 1;
+            if e.outcome.fails_flow() {
+                self.failed += 1;
+            }
+        }
+    }
+}
+
+/// Locks a flow row (lock order 2). `None` when the flow does not exist,
+/// or, with `Wait::SkipLocked`, when another transaction holds it.
+pub fn lock(c: &mut SpiClient<'_>, flow: &Uuid, wait: Wait) -> FfResult<Option<FlowLock>> {
+    let sql = match wait {
+        Wait::Yes => LOCK_FLOW,
+        Wait::SkipLocked => LOCK_FLOW_SKIP,
+    };
+    let t = exec(c, sql, &[(*flow).into()])?;
+    let Some(row) = first_row(t) else { return Ok(None) };
+    Ok(Some(FlowLock {
+        id: *flow,
+        partition: col_req(&row, 1)?,
+        namespace: col_req(&row, 2)?,
+        state: col_req(&row, 3)?,
+        revision: col_req(&row, 4)?,
+        node_count: col_req(&row, 5)?,
+        cancel_requested: col_req(&row, 6)?,
+        ended: 0,
+        failed: 0,
+    }))
+}
+
+macro_rules! lock_flow_sql {
+    ($lock:literal) => {
+        concat!(
+            "SELECT partition_key, namespace, public_flow_state, graph_revision, node_count,
+                    cancel_requested_at_ms IS NOT NULL
+             FROM ff_flow_core WHERE flow_id = $1 ",
+            $lock
+        )
+    };
+}
+const LOCK_FLOW: &str = lock_flow_sql!("FOR NO KEY UPDATE");
+const LOCK_FLOW_SKIP: &str = lock_flow_sql!("FOR NO KEY UPDATE SKIP LOCKED");
+
+/// Whether a flow exists (no lock).
+pub fn exists(c: &mut SpiClient<'_>, flow: &Uuid) -> FfResult<bool> {
+    Ok(!exec(c, "SELECT 1 FROM ff_flow_core WHERE flow_id = $1", &[(*flow).into()])?.is_empty())
+}
+
+/// Writes the endings counted under the lock. When the last live member
+/// ended, the flow becomes `cancelled` (if ff_cancel_flow asked), `failed`
+/// (if a member failed or expired) or `completed`, and that is announced on
+/// `ff_flow_events` at commit.
+pub fn release(c: &mut SpiClient<'_>, lock: FlowLock, now: i64) -> FfResult<()> {
+    if lock.ended == 0 {
+        return Ok(());
+    }
+    let t = exec(
+        c,
+        "UPDATE ff_flow_core SET live_count = live_count - $2, failed_count = failed_count + $3,
+             public_flow_state = CASE WHEN public_flow_state = 'open' AND live_count - $2 <= 0 THEN
+                 CASE WHEN cancel_requested_at_ms IS NOT NULL THEN 'cancelled'
+                      WHEN failed_count + $3 > 0 THEN 'failed' ELSE 'completed' END
+                 ELSE public_flow_state END,
+             terminal_at_ms = CASE WHEN public_flow_state = 'open' AND live_count - $2 <= 0 THEN $4
+                                   ELSE terminal_at_ms END
+         WHERE flow_id = $1
+         RETURNING public_flow_state",
+        &[lock.id.into(), lock.ended.into(), lock.failed.into(), now.into()],
+    )?;
+    let state: Option<String> = first_row(t).map(|r| col_req(&r, 1)).transpose()?;
+    match state {
+        Some(s) if s != lock.state => announce(c, &lock.id, &s),
+        _ => Ok(()),
+    }
+}
+
+/// `NOTIFY ff_flow_events` with `{"flow_id","state"}`, delivered at commit.
+fn announce(c: &mut SpiClient<'_>, flow: &Uuid, state: &str) -> FfResult<()> {
+    let payload = serde_json::json!({"flow_id": flow.to_string(), "state": state});
+    exec(c, "SELECT pg_notify($1, $2)", &[EVENTS_CHANNEL.into(), payload.to_string().into()])?;
     Ok(())
+}
+
+/// Locks the flow for a call that changes it, or says why it cannot.
+fn lock_open(c: &mut SpiClient<'_>, flow: &Uuid) -> FfResult<FlowLock> {
+    let lock = lock(c, flow, Wait::Yes)?.ok_or_else(|| flow_missing(flow))?;
+    lock.refuse_unless_open()?;
+    Ok(lock)
 }
 
 pub fn create_flow(flow: &Uuid, kind: &str, namespace: &str) -> FfResult<&'static str> {
@@ -56,39 +171,44 @@ pub fn create_flow(flow: &Uuid, kind: &str, namespace: &str) -> FfResult<&'stati
 
 pub fn add_execution(flow: &Uuid, id: &ExecutionId) -> FfResult<(&'static str, i32)> {
     with_spi(|c| {
-        let (part, _, state, nodes) = lock_flow(c, flow)?;
-        refuse_terminal(flow, &state)?;
+        // Lock order: the execution, then the flow.
         let t = exec(
             c,
-            "SELECT flow_id FROM ff_exec_core WHERE execution_id = $1 AND partition_key = $2 FOR NO KEY UPDATE",
+            "SELECT flow_id, lifecycle_phase, eligibility_state, terminal_outcome FROM ff_exec_core
+             WHERE execution_id = $1 AND partition_key = $2 FOR NO KEY UPDATE",
             &[pg_uuid(&id.uuid).into(), id.partition.into()],
         )?;
         let row = first_row(t).ok_or_else(|| FfError::not_found(format!("execution {id} does not exist")))?;
-        match col::<Uuid>(&row, 1)? {
-            Some(f) if f == *flow => return Ok(("already_member", nodes)),
-            Some(other) => {
-                return Err(FfError::wrong_state(format!("execution {id} already belongs to flow {other}")))
-            }
-            None => {}
+        let member_of: Option<Uuid> = col(&row, 1)?;
+        let state = State::from_columns(&col_req::<String>(&row, 2)?, &col_req::<String>(&row, 3)?, col::<String>(&row, 4)?.as_deref());
+        let lock = lock(c, flow, Wait::Yes)?.ok_or_else(|| flow_missing(flow))?;
+        if let Some(other) = member_of.filter(|f| f != flow) {
+            return Err(FfError::wrong_state(format!("execution {id} already belongs to flow {other}")));
         }
-        if id.partition != part {
+        if member_of.is_some() {
+            return Ok(("already_member", lock.node_count));
+        }
+        lock.refuse_unless_open()?;
+        if id.partition != lock.partition {
             return Err(FfError::invalid(format!(
-                "execution {id} is in partition {} but flow {flow} is in partition {part}",
-                id.partition
+                "execution {id} is in partition {} but flow {flow} is in partition {}",
+                id.partition, lock.partition
             ))
             .with_detail("create the execution with flow_id => the flow, so it shares the flow's partition"));
         }
+        let live = state.is_some_and(State::is_live);
+        let failed = matches!(state, Some(State::Terminal(o)) if o.fails_flow());
         exec(
             c,
-            "UPDATE ff_exec_core x SET flow_id = f.flow_id, namespace = f.namespace
-             FROM ff_flow_core f WHERE f.flow_id = $2 AND x.execution_id = $1",
-            &[pg_uuid(&id.uuid).into(), (*flow).into()],
+            "UPDATE ff_exec_core SET flow_id = $2, namespace = $3 WHERE execution_id = $1",
+            &[pg_uuid(&id.uuid).into(), (*flow).into(), lock.namespace.as_str().into()],
         )?;
         let t = exec(
             c,
-            "UPDATE ff_flow_core SET graph_revision = graph_revision + 1, node_count = node_count + 1
+            "UPDATE ff_flow_core SET graph_revision = graph_revision + 1, node_count = node_count + 1,
+                 live_count = live_count + $2, failed_count = failed_count + $3
              WHERE flow_id = $1 RETURNING node_count",
-            &[(*flow).into()],
+            &[(*flow).into(), i32::from(live).into(), i32::from(failed).into()],
         )?;
         Ok(("added", first_row(t).map(|r| col_req(&r, 1)).transpose()?.unwrap_or(0)))
     })
@@ -151,18 +271,36 @@ pub struct NewEdge {
     pub data_passing_ref: Option<String>,
 }
 
+/// The state of a downstream's edge group, if it has one.
+fn group_state(c: &mut SpiClient<'_>, flow: &Uuid, down: &Uuid) -> FfResult<Option<(String, i32)>> {
+    let t = exec(
+        c,
+        "SELECT group_state, running_count FROM ff_edge_group WHERE flow_id = $1 AND downstream_eid = $2",
+        &[(*flow).into(), (*down).into()],
+    )?;
+    first_row(t).map(|r| Ok((col_req(&r, 1)?, col_req(&r, 2)?))).transpose()
+}
+
+fn refuse_fired(state: Option<&(String, i32)>, downstream: &ExecutionId) -> FfResult<()> {
+    match state {
+        Some((s, _)) if s != "pending" => Err(FfError::wrong_state(format!(
+            "the edge group of {downstream} already fired ({s}); no edge can join it"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 pub fn stage_edge(e: &NewEdge) -> FfResult<i64> {
     if e.upstream.uuid == e.downstream.uuid {
         return Err(FfError::invalid(format!("edge {} would make execution {} depend on itself", e.edge, e.upstream)));
     }
     check_text_id("dependency_kind", &e.dependency_kind)?;
     with_spi(|c| {
-        let (part, revision, state, _) = lock_flow(c, &e.flow)?;
-        refuse_terminal(&e.flow, &state)?;
-        if revision != e.expected_revision {
+        let lock = lock_open(c, &e.flow)?;
+        if lock.revision != e.expected_revision {
             return Err(FfError::stale(format!(
-                "stale graph revision for flow {}: expected {}, current is {revision}",
-                e.flow, e.expected_revision
+                "stale graph revision for flow {}: expected {}, current is {}",
+                e.flow, e.expected_revision, lock.revision
             )));
         }
         require_member(c, &e.flow, &e.upstream)?;
@@ -172,21 +310,29 @@ pub fn stage_edge(e: &NewEdge) -> FfResult<i64> {
             return Err(FfError::duplicate(format!("edge {} already exists in flow {}", e.edge, e.flow)));
         }
         let (up, down) = (pg_uuid(&e.upstream.uuid), pg_uuid(&e.downstream.uuid));
+        refuse_fired(group_state(c, &e.flow, &down)?.as_ref(), &e.downstream)?;
         if closes_cycle(c, &e.flow, &up, &down)? {
             return Err(FfError::invalid(format!(
                 "edge {} from {} to {} would close a cycle in flow {}",
                 e.edge, e.upstream, e.downstream, e.flow
             )));
         }
-        exec(
+        let t = exec(
             c,
-            "INSERT INTO ff_edge (flow_id, edge_id, partition_key, upstream_eid, downstream_eid, dependency_kind,
-                 data_passing_ref, created_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "WITH edge AS (
+                 INSERT INTO ff_edge (flow_id, edge_id, partition_key, upstream_eid, downstream_eid, dependency_kind,
+                     data_passing_ref, created_at_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)),
+             grp AS (
+                 INSERT INTO ff_edge_group AS g (flow_id, downstream_eid, partition_key, pending_count)
+                 VALUES ($1, $5, $3, 1)
+                 ON CONFLICT (flow_id, downstream_eid) DO UPDATE SET pending_count = g.pending_count + 1)
+             UPDATE ff_flow_core SET graph_revision = graph_revision + 1, edge_count = edge_count + 1
+             WHERE flow_id = $1 RETURNING graph_revision",
             &[
                 e.flow.into(),
                 e.edge.into(),
-                part.into(),
+                lock.partition.into(),
                 up.into(),
                 down.into(),
                 e.dependency_kind.as_str().into(),
@@ -194,117 +340,89 @@ pub fn stage_edge(e: &NewEdge) -> FfResult<i64> {
                 now_ms().into(),
             ],
         )?;
-        let t = exec(
-            c,
-            "UPDATE ff_flow_core SET graph_revision = graph_revision + 1, edge_count = edge_count + 1
-             WHERE flow_id = $1 RETURNING graph_revision",
-            &[e.flow.into()],
-        )?;
         first_row(t).ok_or_else(|| flow_missing(&e.flow)).and_then(|r| col_req(&r, 1))
     })
 }
 
-/// Applies a staged edge: its group now waits for the upstream. An upstream
-/// that already ended counts at once. The downstream is blocked until the
-/// group fires. Returns (result, unresolved inbound edges of the group).
+/// Applies a staged edge: its group now waits for the upstream, and the
+/// downstream is blocked until the group fires. An upstream that already
+/// ended counts at once. Returns (result, applied edges still waiting).
+///
+/// Lock order: the downstream `FOR KEY SHARE` (a claim in flight on it
+/// finishes first; the cascade's updates do not conflict with it), then the
+/// flow, under which the upstream's state is final: it can only end while
+/// the flow is held.
 pub fn apply_edge(flow: &Uuid, edge: &Uuid, downstream: &ExecutionId) -> FfResult<(&'static str, i32)> {
     with_spi(|c| {
+        let down = pg_uuid(&downstream.uuid);
         let t = exec(
             c,
-            "SELECT e.downstream_eid, e.edge_state, e.upstream_eid, e.partition_key, x.terminal_outcome
+            "SELECT 1 FROM ff_exec_core WHERE execution_id = $1 AND partition_key = $2 FOR KEY SHARE",
+            &[down.into(), downstream.partition.into()],
+        )?;
+        if t.is_empty() {
+            return Err(FfError::not_found(format!("execution {downstream} does not exist")));
+        }
+        let lock = lock(c, flow, Wait::Yes)?.ok_or_else(|| flow_missing(flow))?;
+        let t = exec(
+            c,
+            "SELECT e.downstream_eid, e.upstream_eid, e.edge_state, x.lifecycle_phase, x.terminal_outcome
              FROM ff_edge e JOIN ff_exec_core x ON x.execution_id = e.upstream_eid
-             WHERE e.flow_id = $1 AND e.edge_id = $2 FOR UPDATE OF e",
+             WHERE e.flow_id = $1 AND e.edge_id = $2",
             &[(*flow).into(), (*edge).into()],
         )?;
         let row = first_row(t).ok_or_else(|| FfError::not_found(format!("edge {edge} does not exist in flow {flow}")))?;
-        let down: Uuid = col_req(&row, 1)?;
-        if down != pg_uuid(&downstream.uuid) {
-            return Err(FfError::invalid(format!("edge {edge} leads to {down}, not to {downstream}")));
+        let edge_down: Uuid = col_req(&row, 1)?;
+        if edge_down != down {
+            return Err(FfError::invalid(format!("edge {edge} leads to {edge_down}, not to {downstream}")));
         }
-        let up: Uuid = col_req(&row, 3)?;
-        let part: i16 = col_req(&row, 4)?;
-        let upstream_outcome: Option<String> = col(&row, 5)?;
-        exec(
-            c,
-            "INSERT INTO ff_edge_group (flow_id, downstream_eid, partition_key) VALUES ($1, $2, $3)
-             ON CONFLICT (flow_id, downstream_eid) DO NOTHING",
-            &[(*flow).into(), down.into(), part.into()],
-        )?;
-        let (policy, mut counts, state) = lock_group(c, flow, &down)?;
-        if col_req::<String>(&row, 2)? == "applied" {
-            return Ok(("already_applied", counts.running));
+        let group = group_state(c, flow, &down)?;
+        if col_req::<String>(&row, 3)? == "applied" {
+            return Ok(("already_applied", group.map(|g| g.1).unwrap_or(0)));
         }
-        if state != "pending" {
-            return Err(FfError::wrong_state(format!(
-                "the edge group of {downstream} already fired ({state}); no edge can join it"
-            )));
+        lock.refuse_unless_open()?;
+        refuse_fired(group.as_ref(), downstream)?;
+        match exec::block(c, &down)? {
+            Some(State::Waiting | State::Delayed | State::Blocked) => {}
+            Some(other) => {
+                return Err(FfError::wrong_state(format!(
+                    "execution {downstream} has already started ({}); an edge can only be applied to an execution not yet claimed",
+                    other.columns().2
+                )))
+            }
+            None => return Err(FfError::not_found(format!("execution {downstream} does not exist"))),
         }
-        let resolution = upstream_outcome.as_deref().map(bucket);
+        let upstream_ended = col::<String>(&row, 4)?.as_deref() == Some("terminal");
+        let bucket = upstream_ended.then(|| Bucket::of_outcome(col::<String>(&row, 5).ok().flatten().as_deref().unwrap_or("")));
         exec(
             c,
             "UPDATE ff_edge SET edge_state = 'applied', applied_at_ms = $3, resolution = $4
              WHERE flow_id = $1 AND edge_id = $2",
-            &[(*flow).into(), (*edge).into(), now_ms().into(), resolution.into()],
+            &[(*flow).into(), (*edge).into(), now_ms().into(), bucket.map(Bucket::as_str).into()],
         )?;
-        match resolution {
-            Some("success") => counts.success += 1,
-            Some("skip") => counts.skip += 1,
-            Some(_) => counts.fail += 1,
-            None => counts.running += 1,
-        }
-        exec(
-            c,
-            "UPDATE ff_edge_group SET success_count = $3, fail_count = $4, skip_count = $5, running_count = $6
-             WHERE flow_id = $1 AND downstream_eid = $2",
-            &[(*flow).into(), down.into(), counts.success.into(), counts.fail.into(), counts.skip.into(), counts.running.into()],
-        )?;
-        block_child(c, &down)?;
-        // An edge still waiting on its upstream cannot settle the group (with
-        // only some edges applied, quorum headroom would look exhausted). One
-        // whose upstream already ended is decided now, or nothing ever would.
-        if resolution.is_some() {
-            let now = now_ms();
-            let mut follow_up = VecDeque::new();
-            fire(c, flow, &down, Some(&up), decide(policy, counts), now, &mut follow_up)?;
-            drain(c, &mut follow_up, now)?;
-        }
-        Ok(("applied", counts.running))
+        let deltas = BTreeMap::from([(*down.as_bytes(), (down, Delta::resolve(true, bucket)))]);
+        let now = now_ms();
+        let mut ended = Vec::new();
+        count(c, &lock, &deltas, now, &mut ended)?;
+        let mut lock = lock;
+        dispatch::cascade(&mut lock, ended, now)?;
+        release(c, lock, now)?;
+        let running = group_state(c, flow, &down)?.map(|g| g.1).unwrap_or(0);
+        Ok(("applied", running))
     })
-}
-
-fn lock_group(c: &mut SpiClient<'_>, flow: &Uuid, down: &Uuid) -> FfResult<(GroupPolicy, Counts, String)> {
-    let t = exec(
-        c,
-        "SELECT policy, success_count, fail_count, skip_count, running_count, group_state FROM ff_edge_group
-         WHERE flow_id = $1 AND downstream_eid = $2 FOR UPDATE",
-        &[(*flow).into(), (*down).into()],
-    )?;
-    let row = first_row(t).ok_or_else(|| FfError::internal("edge group vanished"))?;
-    let policy = GroupPolicy::from_stored(&col_req::<JsonB>(&row, 1)?.0);
-    let counts = Counts { success: col_req(&row, 2)?, fail: col_req(&row, 3)?, skip: col_req(&row, 4)?, running: col_req(&row, 5)? };
-    Ok((policy, counts, col_req(&row, 6)?))
-}
-
-/// A runnable downstream waits for its group; one already claimed keeps
-/// running (its lease cannot be taken back).
-fn block_child(c: &mut SpiClient<'_>, down: &Uuid) -> FfResult<()> {
-    exec(
-        c,
-        "UPDATE ff_exec_core SET eligibility_state = 'blocked_by_dependencies', public_state = 'waiting_children'
-         WHERE execution_id = $1 AND lifecycle_phase = 'runnable'
-           AND eligibility_state IN ('eligible_now', 'not_eligible_until_time')",
-        &[(*down).into()],
-    )?;
-    Ok(())
 }
 
 pub fn set_group_policy(flow: &Uuid, downstream: &ExecutionId, policy: GroupPolicy) -> FfResult<&'static str> {
     with_spi(|c| {
-        let (part, _, state, _) = lock_flow(c, flow)?;
-        refuse_terminal(flow, &state)?;
+        let lock = lock_open(c, flow)?;
         require_member(c, flow, downstream)?;
         let down = pg_uuid(&downstream.uuid);
-        let t = exec(c, "SELECT 1 FROM ff_edge WHERE flow_id = $1 AND downstream_eid = $2 LIMIT 1", &[(*flow).into(), down.into()])?;
+        let t = exec(
+            c,
+            "SELECT 1 FROM ff_edge_group WHERE flow_id = $1 AND downstream_eid = $2
+               AND pending_count + running_count + success_count + fail_count + skip_count > 0",
+            &[(*flow).into(), down.into()],
+        )?;
         if !t.is_empty() {
             return Err(FfError::wrong_state(format!(
                 "the edge group policy of {downstream} is fixed: dependencies are already staged"
@@ -316,43 +434,67 @@ pub fn set_group_policy(flow: &Uuid, downstream: &ExecutionId, policy: GroupPoli
              ON CONFLICT (flow_id, downstream_eid) DO UPDATE SET policy = EXCLUDED.policy
              WHERE g.policy IS DISTINCT FROM EXCLUDED.policy
              RETURNING 1",
-            &[(*flow).into(), down.into(), part.into(), JsonB(policy.to_json()).into()],
+            &[(*flow).into(), down.into(), lock.partition.into(), pgrx::JsonB(policy.to_json()).into()],
         )?;
         Ok(if t.is_empty() { "already_set" } else { "set" })
     })
 }
 
-/// Cancels every non-terminal member, then lets their events cascade.
+/// Cancels the flow: every live member ends `cancelled` (leases included,
+/// their grants become stale) and their cascades run. A member another
+/// transaction holds at this moment (a worker inside its claim or complete
+/// transaction) is ended by the repair reconciler once released; until then
+/// it cannot complete. Returns how many members end cancelled.
 pub fn cancel_flow(flow: &Uuid, reason: &str) -> FfResult<i32> {
     with_spi(|c| {
-        let (_, _, state, _) = lock_flow(c, flow)?;
-        if state == "cancelled" {
+        let now = now_ms();
+        let mut lock = lock(c, flow, Wait::Yes)?.ok_or_else(|| flow_missing(flow))?;
+        if !lock.is_open() {
             return Ok(0);
         }
-        let now = now_ms();
-        exec(
-            c,
-            "UPDATE ff_flow_core SET public_flow_state = 'cancelled', cancel_reason = $2, terminal_at_ms = $3
-             WHERE flow_id = $1",
-            &[(*flow).into(), reason.into(), now.into()],
-        )?;
+        lock.cancel_requested = true;
         let t = exec(
             c,
-            "SELECT execution_id FROM ff_exec_core WHERE flow_id = $1 AND lifecycle_phase <> 'terminal'
-             ORDER BY execution_id",
-            &[(*flow).into()],
+            "WITH f AS (UPDATE ff_flow_core SET cancel_requested_at_ms = $3, cancel_reason = $2,
+                            public_flow_state = CASE WHEN live_count = 0 THEN 'cancelled' ELSE public_flow_state END,
+                            terminal_at_ms = CASE WHEN live_count = 0 THEN $3 ELSE terminal_at_ms END
+                        WHERE flow_id = $1 RETURNING live_count)
+             SELECT x.execution_id FROM ff_exec_core x
+             WHERE x.flow_id = $1 AND x.lifecycle_phase <> 'terminal'",
+            &[(*flow).into(), reason.into(), now.into()],
         )?;
-        let members: Vec<Uuid> = t.filter_map(|r| r.get::<Uuid>(1).ok().flatten()).collect();
-        let mut events = VecDeque::new();
-        for m in &members {
-            let m = uuid::Uuid::from_bytes(*m.as_bytes());
-            if let Some(ev) = terminate(c, &m, "cancelled", "cancelled", Some(reason), false, now)? {
-                events.push_back(ev);
-            }
+        let live: Vec<Uuid> = t.filter_map(|r| r.get::<Uuid>(1).ok().flatten()).collect();
+        if live.is_empty() {
+            announce(c, flow, "cancelled")?;
+            return Ok(0);
         }
-        let cancelled = events.len() as i32;
-        drain(c, &mut events, now)?;
-        Ok(cancelled)
+        let ending = Ending { outcome: Outcome::Cancelled, result: None, error: None, reason: Some(reason), dispatched: true };
+        let ended = exec::finish(c, &live, &ending, Wait::SkipLocked, now)?;
+        dispatch::cascade(&mut lock, ended, now)?;
+        release(c, lock, now)?;
+        Ok(live.len() as i32)
+    })
+}
+
+/// Ends one execution `cancelled` (waiting, delayed, blocked or leased; a
+/// lease's grant becomes stale) with its cascade: 'cancelled', or
+/// 'already_terminal'. Locks the execution first (waiting for a worker's
+/// transaction that holds it), then its flow.
+pub fn cancel_execution(id: &ExecutionId, reason: &str) -> FfResult<&'static str> {
+    with_spi(|c| {
+        let t = exec(
+            c,
+            "SELECT lifecycle_phase, flow_id FROM ff_exec_core WHERE execution_id = $1 AND partition_key = $2
+             FOR NO KEY UPDATE",
+            &[pg_uuid(&id.uuid).into(), id.partition.into()],
+        )?;
+        let row = first_row(t).ok_or_else(|| FfError::not_found(format!("execution {id} does not exist")))?;
+        if col_req::<String>(&row, 1)? == "terminal" {
+            return Ok("already_terminal");
+        }
+        let ending = Ending { outcome: Outcome::Cancelled, result: None, error: None, reason: Some(reason), dispatched: true };
+        dispatch::end_held(c, &pg_uuid(&id.uuid), col(&row, 2)?, &ending, now_ms())?;
+        Ok("cancelled")
     })
 }
 
@@ -362,6 +504,14 @@ pub fn cancel_flow(flow: &Uuid, reason: &str) -> FfResult<i32> {
 
 fn parse_exec(value: Option<String>, name: &str) -> FfResult<ExecutionId> {
     ExecutionId::parse(&required(value, name)?)
+}
+
+fn check_reason(reason: Option<String>) -> FfResult<String> {
+    let reason = required(reason, "reason")?;
+    if reason.len() > 4096 {
+        return Err(FfError::invalid("reason is longer than 4096 bytes"));
+    }
+    Ok(reason)
 }
 
 /// Creates a flow (a DAG of executions). Idempotent: 'created' or 'already_satisfied'.
@@ -423,7 +573,7 @@ fn ff_stage_dependency_edge(
 }
 
 /// Applies a staged edge so its downstream waits for it. Returns
-/// ('applied' | 'already_applied', unresolved inbound edges).
+/// ('applied' | 'already_applied', applied edges still waiting).
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_apply_dependency_to_child(
@@ -454,17 +604,17 @@ fn ff_set_edge_group_policy(flow_id: Option<Uuid>, downstream_execution_id: Opti
     .or_raise()
 }
 
-/// Cancels the flow and every non-terminal member; returns how many
-/// executions were cancelled.
+/// Cancels the flow and every live member; returns how many members end
+/// cancelled.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_cancel_flow(flow_id: Option<Uuid>, reason: default!(Option<String>, "'cancelled'")) -> i32 {
-    (|| {
-        let reason = required(reason, "reason")?;
-        if reason.len() > 4096 {
-            return Err(FfError::invalid("reason is longer than 4096 bytes"));
-        }
-        cancel_flow(&required(flow_id, "flow_id")?, &reason)
-    })()
-    .or_raise()
+    (|| cancel_flow(&required(flow_id, "flow_id")?, &check_reason(reason)?))().or_raise()
+}
+
+/// Cancels one execution with its cascade: 'cancelled' or 'already_terminal'.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(@extschema@, pg_temp)]
+fn ff_cancel_execution(execution_id: Option<String>, reason: default!(Option<String>, "'cancelled'")) -> &'static str {
+    (|| cancel_execution(&parse_exec(execution_id, "execution_id")?, &check_reason(reason)?))().or_raise()
 }

@@ -2,11 +2,10 @@
 //! and verification keys with a grace window for retired kids.
 
 use crate::crypto::{check_kid, random_secret};
-use crate::db::{col, col_req, exec, first_row, now_ms, with_spi};
+use crate::db::{col_req, exec, first_row, now_ms, with_spi};
 use crate::error::{FfError, FfResult, OrRaise};
 use crate::guc;
 use pgrx::prelude::*;
-use pgrx::spi::SpiClient;
 
 pub const MIN_SECRET_BYTES: usize = 16;
 
@@ -28,16 +27,21 @@ pub enum KidRefusal {
     PastGrace,
 }
 
-/// The secret of `kid` if it may verify now: active, or retired less than
+/// A kid's secret if it may verify at `now`: active, or retired less than
 /// `flowfabric.key_grace_ms` ago.
-pub fn verification_secret(c: &mut SpiClient<'_>, kid: &str) -> FfResult<Result<Vec<u8>, KidRefusal>> {
-    let t = exec(c, "SELECT secret, retired_at_ms FROM ff_waitpoint_hmac WHERE kid = $1", &[kid.into()])?;
-    let Some(row) = first_row(t) else { return Ok(Err(KidRefusal::Unknown)) };
-    let retired_at: Option<i64> = col(&row, 2)?;
-    if retired_at.is_some_and(|at| now_ms() >= at.saturating_add(guc::key_grace_ms())) {
-        return Ok(Err(KidRefusal::PastGrace));
+pub fn verification_secret(secret: Vec<u8>, retired_at_ms: Option<i64>, now: i64) -> Result<Vec<u8>, KidRefusal> {
+    if retired_at_ms.is_some_and(|at| now >= at.saturating_add(guc::key_grace_ms())) {
+        return Err(KidRefusal::PastGrace);
     }
-    Ok(Ok(col_req(&row, 1)?))
+    Ok(secret)
+}
+
+/// Whether the role calling us is a superuser. Inside a SECURITY DEFINER
+/// function the current user is the extension's owner, so ask about the
+/// outer user (the session's role, after any SET ROLE).
+fn caller_is_superuser() -> bool {
+    // SAFETY: plain reads of backend globals and the role cache.
+    unsafe { pg_sys::superuser_arg(pg_sys::GetOuterUserId()) }
 }
 
 /// Installs `kid` as the active key and retires the previous one. Re-running
@@ -46,6 +50,13 @@ pub fn verification_secret(c: &mut SpiClient<'_>, kid: &str) -> FfResult<Result<
 pub fn rotate(kid: &str, secret: Option<Vec<u8>>) -> FfResult<String> {
     check_kid(kid)?;
     let secret = match secret {
+        Some(_) if !caller_is_superuser() => {
+            return Err(FfError::new(
+                pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                "only a superuser may install a secret of its choosing",
+            )
+            .with_detail("flowfabric_admin rotates to a random secret: call ff_rotate_hmac_secret(kid) without one"))
+        }
         Some(s) if s.len() < MIN_SECRET_BYTES => {
             return Err(FfError::invalid(format!(
                 "secret is {} bytes; at least {MIN_SECRET_BYTES} are required",
@@ -78,8 +89,9 @@ pub fn rotate(kid: &str, secret: Option<Vec<u8>>) -> FfResult<String> {
     })
 }
 
-/// Makes `kid` the active signing key (random 32-byte secret by default).
-/// Retired kids keep verifying for flowfabric.key_grace_ms. Returns the kid.
+/// Makes `kid` the active signing key (random 32-byte secret by default; an
+/// explicit secret only from a superuser, 42501 otherwise). Retired kids
+/// keep verifying for flowfabric.key_grace_ms. Returns the kid.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_rotate_hmac_secret(kid: Option<String>, secret: default!(Option<Vec<u8>>, "NULL")) -> String {

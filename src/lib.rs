@@ -44,7 +44,9 @@ pub extern "C-unwind" fn _PG_init() {
 pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
+    /// Tests call the API unqualified, as a client with `flowfabric` on its
+    /// search_path does.
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec![]
+        vec!["search_path = 'flowfabric, public'"]
     }
 }

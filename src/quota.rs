@@ -1,7 +1,8 @@
 //! Quota policies: a sliding window of admissions and a concurrency cap,
 //! both enforced when a claim admits an execution.
 
-use crate::db::{col_req, exec, first_row, now_ms, with_spi};
+use crate::budget::LockWait;
+use crate::db::{col, exec, first_row, now_ms, with_spi};
 use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::ids::{check_text_id, crc16};
 use pgrx::prelude::*;
@@ -63,64 +64,45 @@ pub fn create_quota_policy(q: &QuotaPolicy) -> FfResult<&'static str> {
 
 /// Admits one execution under a quota policy: fewer than
 /// `max_requests_per_window` admissions in the sliding window and fewer than
-/// `max_concurrent` active executions. Admission counts toward both. The
-/// policy row lock serialises concurrent claimers of one policy. A policy
-/// that does not exist admits everything. Returns false when refused.
-pub fn admit(c: &mut SpiClient<'_>, quota_policy_id: &str, execution_id: &str, now: i64) -> FfResult<bool> {
-    let t = exec(
-        c,
-        "SELECT partition_key, requests_per_window_seconds * 1000, max_requests_per_window,
-                active_concurrency_cap, active_concurrency
-         FROM ff_quota_policy WHERE quota_policy_id = $1 FOR UPDATE",
-        &[quota_policy_id.into()],
-    )?;
-    let Some(row) = first_row(t) else { return Ok(true) };
-    let part: i16 = col_req(&row, 1)?;
-    let window_ms: i64 = col_req(&row, 2)?;
-    let max_requests: i64 = col_req(&row, 3)?;
-    let cap: i64 = col_req(&row, 4)?;
-    let active: i64 = col_req(&row, 5)?;
-    if cap > 0 && active >= cap {
+/// `max_concurrent` executions holding a slot. Admission counts toward
+/// both; the slot is freed when the lease ends (`exec::finish` / `requeue`
+/// delete the execution's own admission row, so they never wait on the
+/// policy). The policy row lock serialises concurrent admissions, so the
+/// caps are exact. Returns false when refused (or, with `LockWait::Skip`,
+/// when another transaction holds the policy).
+pub fn admit(c: &mut SpiClient<'_>, quota_policy_id: &str, execution: &pgrx::Uuid, wait: LockWait, now: i64) -> FfResult<bool> {
+    // The lock is its own statement: the counts that follow must be read
+    // with a snapshot taken after it, which sees every admission committed
+    // by the transactions we waited for.
+    let lock = match wait {
+        LockWait::Wait => "SELECT 1 FROM ff_quota_policy WHERE quota_policy_id = $1 FOR NO KEY UPDATE",
+        LockWait::Skip => "SELECT 1 FROM ff_quota_policy WHERE quota_policy_id = $1 FOR NO KEY UPDATE SKIP LOCKED",
+    };
+    if exec(c, lock, &[quota_policy_id.into()])?.is_empty() {
         return Ok(false);
     }
-    if max_requests > 0 {
-        let t = exec(
-            c,
-            "SELECT count(*) FROM ff_quota_window WHERE quota_policy_id = $1 AND admitted_at_ms > $2",
-            &[quota_policy_id.into(), (now - window_ms).into()],
-        )?;
-        let in_window: i64 = first_row(t).map(|r| col_req(&r, 1)).transpose()?.unwrap_or(0);
-        if in_window >= max_requests {
-            return Ok(false);
-        }
-    }
-    exec(
+    let t = exec(
         c,
-        "WITH w AS (
+        "WITH ok AS (
+             SELECT p.partition_key FROM ff_quota_policy p
+             WHERE p.quota_policy_id = $1
+               AND (p.active_concurrency_cap = 0
+                    OR (SELECT count(*) FROM ff_quota_admitted a WHERE a.quota_policy_id = $1)
+                       < p.active_concurrency_cap)
+               AND (p.max_requests_per_window = 0
+                    OR (SELECT count(*) FROM ff_quota_window w
+                        WHERE w.quota_policy_id = $1 AND w.admitted_at_ms > $3 - p.requests_per_window_seconds * 1000)
+                       < p.max_requests_per_window)),
+         w AS (
              INSERT INTO ff_quota_window (quota_policy_id, admitted_at_ms, execution_id, partition_key)
-             VALUES ($1, $3, $2, $4) ON CONFLICT DO NOTHING),
+             SELECT $1, $3, $2, ok.partition_key FROM ok ON CONFLICT DO NOTHING),
          a AS (
              INSERT INTO ff_quota_admitted (quota_policy_id, execution_id, partition_key, admitted_at_ms)
-             VALUES ($1, $2, $4, $3) ON CONFLICT DO NOTHING RETURNING 1)
-         UPDATE ff_quota_policy SET active_concurrency = active_concurrency + (SELECT count(*) FROM a),
-                updated_at_ms = $3
-         WHERE quota_policy_id = $1",
-        &[quota_policy_id.into(), execution_id.into(), now.into(), part.into()],
+             SELECT $1, $2, ok.partition_key, $3 FROM ok ON CONFLICT DO NOTHING)
+         SELECT EXISTS (SELECT FROM ok)",
+        &[quota_policy_id.into(), (*execution).into(), now.into()],
     )?;
-    Ok(true)
-}
-
-/// Gives back the concurrency slot an execution holds, if any.
-pub fn release(c: &mut SpiClient<'_>, quota_policy_id: &str, execution_id: &str, now: i64) -> FfResult<()> {
-    exec(
-        c,
-        "WITH gone AS (
-             DELETE FROM ff_quota_admitted WHERE quota_policy_id = $1 AND execution_id = $2 RETURNING 1)
-         UPDATE ff_quota_policy SET active_concurrency = greatest(0, active_concurrency - 1), updated_at_ms = $3
-         WHERE quota_policy_id = $1 AND EXISTS (SELECT 1 FROM gone)",
-        &[quota_policy_id.into(), execution_id.into(), now.into()],
-    )?;
-    Ok(())
+    Ok(first_row(t).map(|r| col::<bool>(&r, 1)).transpose()?.flatten().unwrap_or(false))
 }
 
 /// Creates a quota policy (0 = unlimited). Idempotent: 'created' or

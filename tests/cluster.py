@@ -31,11 +31,14 @@ class Cluster:
     def host(self):
         return self.dir
 
-    def dsn(self, dbname="postgres", user="postgres"):
-        return f"host={self.dir} port={self.port} dbname={dbname} user={user}"
+    def dsn(self, dbname="postgres", user="postgres", search_path="flowfabric, public"):
+        """A libpq connection string. Clients put the extension's schema on
+        their search_path, as the README tells users to."""
+        options = f" options='-c search_path={search_path.replace(' ', '')}'" if search_path else ""
+        return f"host={self.dir} port={self.port} dbname={dbname} user={user}{options}"
 
-    def connect(self, dbname="postgres", user="postgres", autocommit=True):
-        return psycopg.connect(self.dsn(dbname, user), autocommit=autocommit)
+    def connect(self, dbname="postgres", user="postgres", autocommit=True, search_path="flowfabric, public"):
+        return psycopg.connect(self.dsn(dbname, user, search_path), autocommit=autocommit)
 
     def init(self):
         self.stop(quiet=True)

@@ -119,27 +119,47 @@ mod tests {
     }
 
     #[pg_test]
-    fn verify_grant_names_every_refusal() {
-        create("'l'");
+    fn verify_grant_answers_exactly_as_fencing_decides() {
+        let id = create("'l', max_attempts => 2");
         let (_, grant) = claim("l", "{}").unwrap();
         let verify = |g: &str| one::<String>(&format!("SELECT ff_verify_grant($${g}$$)")).unwrap();
         assert_eq!(verify(&grant), "ok");
         assert_eq!(verify("garbage"), "malformed");
         let last = grant.chars().last().unwrap();
         let flipped = format!("{}{}", &grant[..grant.len() - 1], if last == '0' { '1' } else { '0' });
-        assert_eq!(verify(&flipped), "signature_mismatch");
+        // Any alteration of the key is a grant we never issued, as for fencing.
+        assert_eq!(verify(&flipped), "unknown_grant");
+        let upper_hex = format!("{}{}", &grant[..grant.len() - 64], grant[grant.len() - 64..].to_uppercase());
+        assert_eq!(verify(&upper_hex), "unknown_grant");
+        let id_for_fence = grant[3..grant.find("}:").unwrap() + 2 + 36].to_string();
+        assert_fails(&format!("SELECT ff_renew_lease('{id_for_fence}', '{upper_hex}', 1000)"), "ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION");
         let parts: Vec<&str> = grant.rsplitn(4, ':').collect();
-        let expired = grant.replace(&format!(":{}:", parts[2]), ":1000:");
-        assert_eq!(verify(&expired), "expired");
+        assert_eq!(verify(&grant.replace(&format!(":{}:", parts[2]), ":1000:")), "unknown_grant");
         let unknown_kid = grant.replace(&format!(":{}:", parts[1]), ":nokid:");
         assert_eq!(verify(&unknown_kid), "unknown_kid");
         let other = grant.replace(&grant[3..grant.find("}:").unwrap() + 2 + 36], "{fp:1}:00000000-0000-0000-0000-000000000000");
         assert_eq!(verify(&other), "unknown_grant");
+        // A signature that does not match the stored grant's identity.
+        Spi::run("UPDATE ff_claim_grant SET worker_id = 'someone-else'").unwrap();
+        assert_eq!(verify(&grant), "signature_mismatch");
+        Spi::run("UPDATE ff_claim_grant SET worker_id = 'w1'").unwrap();
         // Rotation: the old kid keeps verifying within the grace window, not after it.
         Spi::run("SELECT ff_rotate_hmac_secret('next')").unwrap();
         assert_eq!(verify(&grant), "ok");
         Spi::run("SET LOCAL flowfabric.key_grace_ms = 0").unwrap();
         assert_eq!(verify(&grant), "unknown_kid");
+        Spi::run("RESET flowfabric.key_grace_ms").unwrap();
+        // A lease that ran out, then a reclaim, then a completion: never ok again.
+        Spi::run("UPDATE ff_exec_core SET lease_expires_at_ms = 1").unwrap();
+        assert_eq!(verify(&grant), "expired");
+        Spi::run("SELECT ff_run_reconcilers()").unwrap();
+        Spi::run("UPDATE ff_exec_core SET eligible_at_ms = 0, eligibility_state = 'eligible_now', public_state = 'waiting'").unwrap();
+        let (again, new_grant) = claim("l", "{}").unwrap();
+        assert_eq!(again, id);
+        assert_eq!(verify(&grant), "expired", "the same worker's earlier grant is stale after the reclaim");
+        assert_eq!(verify(&new_grant), "ok");
+        Spi::run(&format!("SELECT ff_complete_execution('{id}', '{new_grant}')")).unwrap();
+        assert_eq!(verify(&new_grant), "expired");
     }
 
     #[pg_test]

@@ -284,4 +284,101 @@ mod tests {
         }
         assert_eq!(one::<String>("SELECT outcome FROM ff_dispatch_completion(123456)").as_deref(), Some("noop"));
     }
+
+    fn flow_state() -> String {
+        one(&format!("SELECT public_flow_state FROM ff_flow_core WHERE flow_id = '{FLOW}'")).unwrap()
+    }
+
+    #[pg_test]
+    fn flow_state_follows_its_members() {
+        let v = flow_with(2, "fs");
+        link(1, &v[0], &v[1]);
+        assert_eq!(flow_state(), "open");
+        run("fs", &v[0], true);
+        assert_eq!(flow_state(), "open");
+        run("fs", &v[1], true);
+        assert_eq!(flow_state(), "completed");
+        let live: i32 = one(&format!("SELECT live_count FROM ff_flow_core WHERE flow_id = '{FLOW}'")).unwrap();
+        assert_eq!(live, 0);
+    }
+
+    #[pg_test]
+    fn a_failed_member_fails_the_flow_once_everything_ended() {
+        let v = flow_with(3, "ff");
+        link(1, &v[0], &v[1]);
+        run("ff", &v[0], false);
+        assert_eq!(public_state(&v[1]), "skipped");
+        assert_eq!(flow_state(), "open", "v2 still runs");
+        run("ff", &v[2], true);
+        assert_eq!(flow_state(), "failed");
+        let at: Option<i64> = one(&format!("SELECT terminal_at_ms FROM ff_flow_core WHERE flow_id = '{FLOW}'"));
+        assert!(at.is_some());
+    }
+
+    #[pg_test]
+    fn cancelled_flow_state_and_stale_grants() {
+        let v = flow_with(2, "cf");
+        let (got, grant): (Option<String>, Option<String>) =
+            Spi::get_two("SELECT execution_id, grant_key FROM ff_claim_for_worker('cf', 'w', 'i')").unwrap();
+        let leased = got.unwrap();
+        assert!(v.contains(&leased));
+        assert_eq!(one::<i32>(&format!("SELECT ff_cancel_flow('{FLOW}', 'no longer needed')")), Some(2));
+        assert_eq!(flow_state(), "cancelled");
+        assert_fails(&format!("SELECT ff_complete_execution('{leased}', '{}')", grant.unwrap()), "ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE");
+        let reason: Option<String> = one(&format!("SELECT ff_get_execution('{leased}') ->> 'cancellation_reason'"));
+        assert_eq!(reason.as_deref(), Some("no longer needed"));
+    }
+
+    #[pg_test]
+    fn cancel_execution_ends_it_with_its_cascade() {
+        let v = flow_with(3, "ce");
+        link(1, &v[0], &v[1]);
+        link(2, &v[1], &v[2]);
+        assert_eq!(one::<String>(&format!("SELECT ff_cancel_execution('{}', 'operator')", v[0])).as_deref(), Some("cancelled"));
+        assert_eq!(public_state(&v[0]), "cancelled");
+        assert_eq!(public_state(&v[1]), "skipped");
+        assert_eq!(public_state(&v[2]), "skipped");
+        assert_eq!(one::<String>(&format!("SELECT ff_cancel_execution('{}')", v[0])).as_deref(), Some("already_terminal"));
+        // Cancelled and skipped members do not fail a flow; only ff_cancel_flow makes it cancelled.
+        assert_eq!(flow_state(), "completed");
+        let solo: String = one("SELECT ff_create_execution('ce-solo')").unwrap();
+        let (_, grant): (Option<String>, Option<String>) =
+            Spi::get_two("SELECT execution_id, grant_key FROM ff_claim_for_worker('ce-solo', 'w', 'i')").unwrap();
+        assert_eq!(one::<String>(&format!("SELECT ff_cancel_execution('{solo}')")).as_deref(), Some("cancelled"));
+        assert_fails(&format!("SELECT ff_renew_lease('{solo}', '{}', 1000)", grant.unwrap()), "ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE");
+        assert_fails("SELECT ff_cancel_execution('{fp:1}:00000000-0000-0000-0000-000000000000')", "ERRCODE_NO_DATA_FOUND");
+        assert_fails("SELECT ff_cancel_execution('nope')", "ERRCODE_INVALID_PARAMETER_VALUE");
+    }
+
+    #[pg_test]
+    fn an_edge_cannot_be_applied_to_an_execution_already_claimed() {
+        let v = flow_with(2, "ac");
+        let rev = revision();
+        Spi::run(&format!("SELECT ff_stage_dependency_edge('{FLOW}', '{}', '{}', '{}', {rev})", edge(1), v[0], v[1])).unwrap();
+        Spi::run(&format!("UPDATE ff_exec_core SET priority = 100 WHERE execution_id = split_part('{}', '}}:', 2)::uuid", v[1])).unwrap();
+        let (got, _): (Option<String>, Option<String>) =
+            Spi::get_two("SELECT execution_id, grant_key FROM ff_claim_for_worker('ac', 'w', 'i')").unwrap();
+        assert_eq!(got.as_deref(), Some(v[1].as_str()));
+        assert_fails(
+            &format!("SELECT ff_apply_dependency_to_child('{FLOW}', '{}', '{}')", edge(1), v[1]),
+            "ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE",
+        );
+    }
+
+    #[pg_test]
+    fn staged_edges_keep_a_group_from_firing_early() {
+        let v = flow_with(3, "se");
+        let rev = revision();
+        Spi::run(&format!("SELECT ff_stage_dependency_edge('{FLOW}', '{}', '{}', '{}', {rev})", edge(1), v[0], v[2])).unwrap();
+        Spi::run(&format!("SELECT ff_stage_dependency_edge('{FLOW}', '{}', '{}', '{}', {})", edge(2), v[1], v[2], rev + 1)).unwrap();
+        run("se", &v[0], true);
+        // The first edge is applied after its upstream finished: it counts at
+        // once, but the second edge is staged, so the group waits for it.
+        Spi::run(&format!("SELECT ff_apply_dependency_to_child('{FLOW}', '{}', '{}')", edge(1), v[2])).unwrap();
+        assert_eq!(public_state(&v[2]), "waiting_children");
+        Spi::run(&format!("SELECT ff_apply_dependency_to_child('{FLOW}', '{}', '{}')", edge(2), v[2])).unwrap();
+        assert_eq!(public_state(&v[2]), "waiting_children");
+        run("se", &v[1], true);
+        assert_eq!(public_state(&v[2]), "waiting");
+    }
 }

@@ -28,4 +28,22 @@ mod tests {
             "ERRCODE_INVALID_PARAMETER_VALUE",
         );
     }
+
+    #[pg_test]
+    fn get_execution_returns_payload_and_result_exactly_as_stored() {
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        let tricky = r#"{"huge": 1180591620717411303424, "tenth": 0.30000000000000000001, "tiny": 1e-400, "big": 1e400, "deep": DEEP}"#
+            .replace("DEEP", &deep);
+        let id: String = one(&format!("SELECT ff_create_execution('j', payload => '{tricky}')")).unwrap();
+        let same: bool = one(&format!("SELECT ff_get_execution('{id}') -> 'payload' = '{tricky}'::jsonb")).unwrap();
+        assert!(same, "payload changed on the way out");
+        let text: String = one(&format!("SELECT (ff_get_execution('{id}') -> 'payload' ->> 'tenth')")).unwrap();
+        assert_eq!(text, "0.30000000000000000001");
+        let (got, grant): (Option<String>, Option<String>) =
+            Spi::get_two("SELECT execution_id, grant_key FROM ff_claim_for_worker('j', 'w', 'i')").unwrap();
+        assert_eq!(got.as_deref(), Some(id.as_str()));
+        Spi::run(&format!("SELECT ff_complete_execution('{id}', '{}', '{tricky}')", grant.unwrap())).unwrap();
+        let same: bool = one(&format!("SELECT ff_get_execution('{id}') -> 'result' = '{tricky}'::jsonb")).unwrap();
+        assert!(same, "result changed on the way out");
+    }
 }

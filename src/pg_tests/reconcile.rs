@@ -83,7 +83,8 @@ mod tests {
 
     #[pg_test]
     fn run_reconcilers_expires_leases_and_promotes() {
-        let retry: String = one("SELECT ff_create_execution('lease', max_attempts => 2)").unwrap();
+        let retry: String =
+            one("SELECT ff_create_execution('lease', max_attempts => 2, retry_policy => '{\"base_ms\": 300, \"jitter\": false}')").unwrap();
         Spi::run("SELECT ff_claim_for_worker('lease', 'w', 'i', grant_ttl_ms => 1)").unwrap();
         let last: String = one("SELECT ff_create_execution('lease2')").unwrap();
         Spi::run("SELECT ff_claim_for_worker('lease2', 'w', 'i', grant_ttl_ms => 1)").unwrap();
@@ -95,8 +96,12 @@ mod tests {
         assert_eq!(r["lease_expiry"]["reclaimed"], 1, "{r}");
         assert_eq!(r["lease_expiry"]["expired"], 1, "{r}");
         assert_eq!(r["delayed_promotion"]["promoted"], 1, "{r}");
-        assert_eq!(public_state(&retry), "waiting");
+        // An expired lease counts as a failed attempt: the retry waits out its backoff.
+        assert_eq!(public_state(&retry), "delayed");
         assert_eq!(public_state(&last), "expired");
+        Spi::run("SELECT pg_sleep(0.35)").unwrap();
+        Spi::run("SELECT ff_run_reconcilers()").unwrap();
+        assert_eq!(public_state(&retry), "waiting");
         assert_eq!(public_state(&delayed), "waiting");
         let attempts: Option<String> = one(&format!("SELECT ff_get_execution('{retry}') ->> 'attempt_index'"));
         assert_eq!(attempts.as_deref(), Some("1"));
@@ -114,7 +119,7 @@ mod tests {
         Spi::run("UPDATE ff_budget_policy SET next_reset_at_ms = 1").unwrap();
         Spi::run("UPDATE ff_budget_usage_dedup SET expires_at_ms = 1").unwrap();
         Spi::run("SELECT ff_create_quota_policy('q', 1, 5, 0)").unwrap();
-        Spi::run("INSERT INTO ff_quota_window VALUES ('q', 1, 'x', 0), ('q', 9223372036854775000, 'y', 0)").unwrap();
+        Spi::run("INSERT INTO ff_quota_window VALUES ('q', 1, gen_random_uuid(), 0), ('q', 9223372036854775000, gen_random_uuid(), 0)").unwrap();
         let report: pgrx::JsonB = one("SELECT ff_run_reconcilers()").unwrap();
         let r = report.0;
         assert_eq!(r["budget_reset"]["processed"], 1, "{r}");
@@ -149,6 +154,7 @@ mod tests {
         Spi::run(&format!("SELECT ff_complete_execution('{old}', '{}')", g.unwrap())).unwrap();
         let live: String = one("SELECT ff_create_execution('r')").unwrap();
         Spi::run("UPDATE ff_exec_core SET terminal_at_ms = 1 WHERE terminal_at_ms IS NOT NULL").unwrap();
+        Spi::run("UPDATE ff_completion_event SET occurred_at_ms = 1").unwrap();
         Spi::run("UPDATE ff_claim_grant SET expires_at_ms = 1").unwrap();
         let report: pgrx::JsonB = one("SELECT ff_run_reconcilers()").unwrap();
         assert_eq!(report.0["retention_purge"]["executions"], 1, "{}", report.0);

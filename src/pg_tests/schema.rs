@@ -56,4 +56,43 @@ mod tests {
         assert_fails("SELECT ff_rotate_hmac_secret('k3', '\\x0011')", "ERRCODE_INVALID_PARAMETER_VALUE");
         assert_fails("SELECT ff_rotate_hmac_secret(NULL)", "ERRCODE_NULL_VALUE_NOT_ALLOWED");
     }
+
+    #[pg_test]
+    fn everything_lives_in_the_flowfabric_schema() {
+        let elsewhere: i64 = one(
+            "SELECT count(*) FROM pg_depend d
+             JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'flowfabric'
+             LEFT JOIN pg_class c ON d.classid = 'pg_class'::regclass AND c.oid = d.objid
+             LEFT JOIN pg_proc p ON d.classid = 'pg_proc'::regclass AND p.oid = d.objid
+             WHERE d.deptype = 'e'
+               AND coalesce(c.relnamespace, p.pronamespace) <> 'flowfabric'::regnamespace
+               -- the #[pg_test] functions themselves, in this test build only
+               AND coalesce(c.relnamespace, p.pronamespace) <> 'tests'::regnamespace",
+        )
+        .unwrap();
+        assert_eq!(elsewhere, 0);
+        let owner_only: bool = one(
+            "SELECT NOT EXISTS (SELECT FROM pg_namespace n, aclexplode(n.nspacl) a
+                                WHERE n.nspname = 'flowfabric' AND a.privilege_type = 'CREATE'
+                                  AND a.grantee <> n.nspowner)",
+        )
+        .unwrap();
+        assert!(owner_only);
+    }
+
+    #[pg_test]
+    fn explicit_secrets_are_for_superusers_only() {
+        Spi::run("CREATE ROLE ff_rotating_admin NOLOGIN IN ROLE flowfabric_admin").unwrap();
+        Spi::run("SET LOCAL ROLE ff_rotating_admin").unwrap();
+        assert_fails(
+            "SELECT ff_rotate_hmac_secret('chosen', '\\x00112233445566778899aabbccddeeff')",
+            "ERRCODE_INSUFFICIENT_PRIVILEGE",
+        );
+        assert_eq!(one::<String>("SELECT ff_rotate_hmac_secret('random-one')").as_deref(), Some("random-one"));
+        Spi::run("RESET ROLE").unwrap();
+        assert_eq!(
+            one::<String>("SELECT ff_rotate_hmac_secret('chosen', '\\x00112233445566778899aabbccddeeff')").as_deref(),
+            Some("chosen")
+        );
+    }
 }
