@@ -27,19 +27,22 @@ def run_parallel(n, fn):
     assert not errors, errors
 
 
-def build_flow(conn, lane, nodes, edges, policies=None, payloads=None):
+def build_flow(conn, lane, nodes, edges, policies=None, payloads=None, **create_args):
     """Creates a flow with `nodes` executions (random priorities, so claims
     come in random order), stages and applies `edges` [(up, down)], in one
-    transaction. Returns (flow_id, [execution ids])."""
+    transaction, through the incremental API. `create_args` go to every
+    ff_create_execution (e.g. budget_ids). Returns (flow_id, [execution ids])."""
     flow = uuid.uuid4()
     payloads = payloads or {}
+    extra = "".join(f", {k} => %s" for k in create_args)
     with conn.transaction():
         conn.execute("SELECT ff_create_flow(%s)", (flow,))
         ids = []
         for i in range(nodes):
             eid = conn.execute(
-                "SELECT ff_create_execution(%s, flow_id => %s, priority => %s, payload => %s)",
-                (lane, flow, random.randint(0, 1000), psycopg.types.json.Jsonb(payloads.get(i, {}))),
+                f"SELECT ff_create_execution(%s, flow_id => %s, priority => %s, payload => %s{extra})",
+                (lane, flow, random.randint(0, 1000), psycopg.types.json.Jsonb(payloads.get(i, {})),
+                 *create_args.values()),
             ).fetchone()[0]
             conn.execute("SELECT ff_add_execution_to_flow(%s, %s)", (flow, eid))
             ids.append(eid)
@@ -108,7 +111,8 @@ def make_stale_work(conn, events=1, leases=1, lane="stale"):
                         (extract(epoch FROM clock_timestamp()) * 1000)::bigint - 60000)""", (a, flow))
             downstreams.append(b)
         for _ in range(leases):
-            eid = conn.execute("SELECT ff_create_execution(%s, max_attempts => 2)", (lane,)).fetchone()[0]
+            eid = conn.execute("SELECT ff_create_execution(%s, max_attempts => 2, "
+                               "retry_policy => '{\"base_ms\": 1, \"jitter\": false}')", (lane,)).fetchone()[0]
             got = conn.execute("SELECT execution_id FROM ff_claim_for_worker(%s, 'w', 'i', grant_ttl_ms => 1)",
                                (lane,)).fetchone()[0]
             assert got == eid
@@ -124,37 +128,66 @@ def settled(conn, downstreams, leased):
 
 
 INVARIANTS = {
-    "edge group counters match their edges": """
-        SELECT count(*) FROM ff_edge_group g CROSS JOIN LATERAL (
-            SELECT count(*) FILTER (WHERE resolution = 'success') AS s, count(*) FILTER (WHERE resolution = 'fail') AS f,
-                   count(*) FILTER (WHERE resolution = 'skip') AS k, count(*) FILTER (WHERE resolution IS NULL) AS r
-            FROM ff_edge e WHERE e.flow_id = g.flow_id AND e.downstream_eid = g.downstream_eid
-              AND e.edge_state = 'applied') c
-        WHERE (g.success_count, g.fail_count, g.skip_count, g.running_count) <> (c.s, c.f, c.k, c.r)""",
-    "dispatched events resolved every applied outgoing edge": """
-        SELECT count(*) FROM ff_completion_event ev
-        JOIN ff_edge e ON e.upstream_eid = ev.execution_id AND e.edge_state = 'applied'
-        WHERE ev.dispatched_at_ms IS NOT NULL AND e.resolution IS NULL""",
-    "terminal executions have exactly one completion event": """
-        SELECT count(*) FROM ff_exec_core x WHERE x.lifecycle_phase = 'terminal'
-          AND (SELECT count(*) FROM ff_completion_event e WHERE e.execution_id = x.execution_id) <> 1""",
-    "only terminal executions have completion events": """
-        SELECT count(*) FROM ff_completion_event e JOIN ff_exec_core x USING (execution_id)
-        WHERE x.lifecycle_phase <> 'terminal'""",
+    "no execution is leased under two grants": """
+        SELECT count(*) FROM (SELECT current_grant_id FROM ff_exec_core WHERE current_grant_id IS NOT NULL
+                              GROUP BY 1 HAVING count(*) > 1) d""",
     "active executions hold a grant and a lease": """
         SELECT count(*) FROM ff_exec_core
         WHERE lifecycle_phase = 'active' AND (current_grant_id IS NULL OR lease_expires_at_ms IS NULL)""",
+    "open attempts only on active executions, one each": """
+        SELECT count(*) FROM ff_attempt a JOIN ff_exec_core x USING (execution_id)
+        WHERE a.terminal_at_ms IS NULL AND (x.lifecycle_phase <> 'active' OR a.attempt_index <> x.attempt_index)""",
+    "edge group counters match their edges": """
+        SELECT count(*) FROM ff_edge_group g CROSS JOIN LATERAL (
+            SELECT count(*) FILTER (WHERE edge_state = 'pending') AS p,
+                   count(*) FILTER (WHERE edge_state = 'applied' AND resolution = 'success') AS s,
+                   count(*) FILTER (WHERE edge_state = 'applied' AND resolution = 'fail') AS f,
+                   count(*) FILTER (WHERE edge_state = 'applied' AND resolution = 'skip') AS k,
+                   count(*) FILTER (WHERE edge_state = 'applied' AND resolution IS NULL) AS r
+            FROM ff_edge e WHERE e.flow_id = g.flow_id AND e.downstream_eid = g.downstream_eid) c
+        WHERE (g.pending_count, g.success_count, g.fail_count, g.skip_count, g.running_count)
+              <> (c.p, c.s, c.f, c.k, c.r)""",
+    "no unresolved applied edge whose upstream ended": """
+        SELECT count(*) FROM ff_edge e JOIN ff_exec_core x ON x.execution_id = e.upstream_eid
+        WHERE e.edge_state = 'applied' AND e.resolution IS NULL AND x.lifecycle_phase = 'terminal'""",
+    "terminal executions have a dispatched completion event": """
+        SELECT count(*) FROM ff_exec_core x WHERE x.lifecycle_phase = 'terminal'
+          AND NOT EXISTS (SELECT 1 FROM ff_completion_event e
+                          WHERE e.execution_id = x.execution_id AND e.dispatched_at_ms IS NOT NULL)""",
+    "no completion event is left undispatched": """
+        SELECT count(*) FROM ff_completion_event WHERE dispatched_at_ms IS NULL""",
+    "only terminal executions have completion events": """
+        SELECT count(*) FROM ff_completion_event e JOIN ff_exec_core x USING (execution_id)
+        WHERE x.lifecycle_phase <> 'terminal'""",
     "satisfied groups released their downstream": """
         SELECT count(*) FROM ff_edge_group g JOIN ff_exec_core x ON x.execution_id = g.downstream_eid
         WHERE g.group_state = 'satisfied' AND x.eligibility_state = 'blocked_by_dependencies'""",
     "impossible groups ended their downstream": """
         SELECT count(*) FROM ff_edge_group g JOIN ff_exec_core x ON x.execution_id = g.downstream_eid
         WHERE g.group_state = 'impossible' AND x.lifecycle_phase <> 'terminal'""",
-    "quota concurrency matches admitted executions": """
-        SELECT count(*) FROM ff_quota_policy p
-        WHERE active_concurrency <> (SELECT count(*) FROM ff_quota_admitted a WHERE a.quota_policy_id = p.quota_policy_id)""",
-    "no usage above a hard limit": """
-        SELECT count(*) FROM ff_budget_health WHERE hard_limit > 0 AND current_usage > hard_limit""",
+    "blocked executions wait on an undecided group": """
+        SELECT count(*) FROM ff_exec_core x
+        WHERE x.eligibility_state = 'blocked_by_dependencies'
+          AND NOT EXISTS (SELECT 1 FROM ff_edge_group g WHERE g.downstream_eid = x.execution_id
+                          AND g.group_state = 'pending')""",
+    "flow counters match their members": """
+        SELECT count(*) FROM ff_flow_core f CROSS JOIN LATERAL (
+            SELECT count(*) FILTER (WHERE lifecycle_phase <> 'terminal') AS live,
+                   count(*) FILTER (WHERE terminal_outcome IN ('failed', 'expired')) AS failed
+            FROM ff_exec_core x WHERE x.flow_id = f.flow_id) m
+        WHERE (f.live_count, f.failed_count) <> (m.live, m.failed)""",
+    "a terminal flow has no live member": """
+        SELECT count(*) FROM ff_flow_core WHERE public_flow_state <> 'open' AND live_count <> 0""",
+    "quota slots are held by active executions only": """
+        SELECT count(*) FROM ff_quota_admitted a LEFT JOIN ff_exec_core x USING (execution_id)
+        WHERE x.lifecycle_phase IS DISTINCT FROM 'active'""",
+    "reservations are held by active executions only": """
+        SELECT count(*) FROM ff_budget_usage_by_exec l LEFT JOIN ff_exec_core x USING (execution_id)
+        WHERE l.reserved > 0 AND x.lifecycle_phase IS DISTINCT FROM 'active'""",
+    "no usage above the hard limit of a budget that rejects": """
+        SELECT count(*) FROM ff_budget_usage u JOIN ff_budget_policy p USING (budget_id)
+        WHERE p.enforcement_mode = 'strict' AND p.on_hard_limit = 'reject'
+          AND u.hard_limit > 0 AND u.current_value > u.hard_limit""",
 }
 
 

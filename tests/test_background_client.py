@@ -173,7 +173,8 @@ def test_notify_on_cascade_retry_lease_expiry_and_promotion(cluster, db):
         eid, grant = c.execute("SELECT execution_id, grant_key FROM ff_claim_for_worker('casc', 'w', 'i')").fetchone()
         c.execute("SELECT ff_complete_execution(%s, %s)", (eid, grant))
         assert listener.poll() == [(channel, "casc")], "cascade made the child eligible"
-        c.execute("SELECT ff_create_execution('casc', max_attempts => 3)")
+        c.execute("SELECT ff_create_execution('casc', max_attempts => 3, "
+                  "retry_policy => '{\"base_ms\": 1, \"jitter\": false}')")
         listener.poll()
         c.execute("SELECT 1 FROM ff_claim_for_worker('casc', 'w', 'i')")  # the child
         eid, grant = c.execute("SELECT execution_id, grant_key FROM ff_claim_for_worker('casc', 'w', 'i')").fetchone()
@@ -184,8 +185,10 @@ def test_notify_on_cascade_retry_lease_expiry_and_promotion(cluster, db):
         assert listener.poll() == [(channel, "casc")], "delayed promotion"
         c.execute("SELECT 1 FROM ff_claim_for_worker('casc', 'w', 'i', grant_ttl_ms => 1)")
         time.sleep(0.01)
+        c.execute("SELECT ff_run_reconcilers()")  # the expired lease counts as a failed attempt: backoff
+        time.sleep(0.01)
         c.execute("SELECT ff_run_reconcilers()")
-        assert listener.poll() == [(channel, "casc")], "lease expiry"
+        assert listener.poll() == [(channel, "casc")], "lease expiry, then the end of its backoff"
 
 
 @pytest.mark.skipif(not os.path.exists("/usr/share/postgresql/15/extension/pg_cron.control"),
@@ -203,7 +206,7 @@ def test_pg_cron_drains_stale_work_within_about_a_minute():
             c.execute("CREATE EXTENSION pg_cron")
             c.execute("CREATE EXTENSION flowfabric")
             downstreams, leased = make_stale_work(c, events=2, leases=2)
-            c.execute("SELECT cron.schedule('ff', '* * * * *', 'SELECT ff_run_reconcilers()')")
+            c.execute("SELECT cron.schedule('ff', '* * * * *', 'SELECT flowfabric.ff_run_reconcilers()')")
             assert wait_for(lambda: settled(c, downstreams, leased), timeout=80, interval=1), cron.log()[-2000:]
             status = c.execute("SELECT status FROM cron.job_run_details ORDER BY runid DESC LIMIT 1").fetchone()
             assert status == ("succeeded",)

@@ -31,9 +31,11 @@ def test_partitions_match_an_independent_crc16(conn):
 def test_report_then_rollback_leaves_no_trace(cluster, db):
     with cluster.connect(db, autocommit=False) as c:
         c.execute("SELECT ff_create_budget('b', '{t}', '{100}', '{0}')")
+        c.execute("SELECT ff_create_execution('rb', budget_ids => '{b}')")
+        eid = c.execute("SELECT execution_id FROM ff_claim_for_worker('rb', 'w', 'i')").fetchone()[0]
         c.commit()
         c.execute("SELECT * FROM ff_report_usage('b', '{\"t\": 5}', 'k1')")
-        c.execute("SELECT * FROM ff_record_spend('b', '{fp:1}:00000000-0000-0000-0000-000000000001', '{\"t\": 5}', 'k2')")
+        c.execute("SELECT * FROM ff_record_spend('b', %s, '{\"t\": 5}', 'k2')", (eid,))
         c.rollback()
         assert usage(c, "b", "t") == 0
         assert c.execute("SELECT count(*) FROM ff_budget_usage_dedup").fetchone()[0] == 0
@@ -47,12 +49,14 @@ def test_report_then_rollback_leaves_no_trace(cluster, db):
 
 def test_error_leaves_the_transaction_unchanged(cluster, db):
     with cluster.connect(db, autocommit=False) as c:
+        c.execute("SELECT ff_create_budget('b', '{t}', '{0}', '{0}')")
+        c.commit()
         c.execute("SELECT * FROM ff_report_usage('b', '{\"t\": 5}')")
         with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
             c.execute("SELECT * FROM ff_report_usage('b', '{\"t\": -5}')")
         assert '"t"' in str(e.value) and "-5" in str(e.value)
         c.rollback()
-        assert c.execute("SELECT count(*) FROM ff_budget_usage").fetchone()[0] == 0
+        assert usage(c, "b", "t") == 0
 
 
 def test_concurrent_reports_never_pass_the_hard_limit(cluster, db):
@@ -80,6 +84,8 @@ def test_concurrent_reports_never_pass_the_hard_limit(cluster, db):
 
 def test_concurrent_reports_lose_no_increment(cluster, db):
     workers, per_worker = 10, 40
+    with cluster.connect(db) as c:
+        c.execute("SELECT ff_create_budget('free', '{}', '{}', '{}')")
 
     def worker(i):
         with cluster.connect(db) as c:
@@ -122,7 +128,9 @@ def test_concurrent_reports_with_one_dedup_key_apply_once(cluster, db):
 def test_concurrent_record_spend_and_release(cluster, db):
     with cluster.connect(db) as c:
         c.execute("SELECT ff_create_budget('b', '{t}', '{0}', '{0}')")
-    execs = [f"{{fp:{i}}}:{uuid.uuid4()}" for i in range(8)]
+        c.execute("SELECT ff_create_execution('sp', budget_ids => '{b}') FROM generate_series(1, 8)")
+        execs = [r[0] for r in c.execute("SELECT execution_id FROM ff_claim_batch('{sp}', 'w', 'i', max_count => 8)")]
+    assert len(execs) == 8
 
     def worker(i):
         with cluster.connect(db) as c:

@@ -88,7 +88,7 @@ def test_quota_concurrency_cap_holds_under_parallel_claims(cluster, db):
     run_parallel(8, worker)
     assert len(got) == 3
     with cluster.connect(db) as c:
-        assert c.execute("SELECT active_concurrency FROM ff_quota_policy").fetchone()[0] == 3
+        assert c.execute("SELECT count(*) FROM ff_quota_admitted WHERE quota_policy_id = 'cap3'").fetchone()[0] == 3
 
 
 def test_claim_and_own_writes_commit_together(cluster, db):

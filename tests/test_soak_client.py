@@ -48,8 +48,8 @@ def test_soak_sizes_and_memory_stay_bounded():
                     n = 0
                     while not stop.is_set():
                         if n % 10 == 0:
-                            build_flow(w, "soak", 4, [(0, 1), (0, 2), (1, 3), (2, 3)])
-                        w.execute("SELECT ff_create_execution('soak', quota_policy_id => 'q')")
+                            build_flow(w, "soak", 4, [(0, 1), (0, 2), (1, 3), (2, 3)], budget_ids=["b"])
+                        w.execute("SELECT ff_create_execution('soak', quota_policy_id => 'q', budget_ids => '{b}')")
                         row = w.execute("SELECT execution_id, grant_key FROM ff_claim_for_worker('soak', %s, 'i')",
                                         (f"w{i}",)).fetchone()
                         if row:
