@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the extension and installs it into the system PostgreSQL 15, with
 # the archived install scripts of earlier versions so they can be created
-# and upgraded from. Pass --release for an optimised build.
+# and upgraded from. Pass --release for an optimised build. PG_CONFIG picks
+# another PostgreSQL installation (the default is the system one).
 #
 # A running server keeps the old library mapped, so nothing is written over
 # it: every file is copied under a temporary name in its target directory
@@ -10,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PGRX_HOME="$PWD/pgrx-config"
-PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 

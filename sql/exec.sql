@@ -84,6 +84,12 @@ CREATE INDEX ff_exec_core_flow_idx ON ff_exec_core (flow_id) WHERE flow_id IS NO
 -- Node names are unique within a flow.
 CREATE UNIQUE INDEX ff_exec_core_node_name_idx ON ff_exec_core (flow_id, node_name)
     WHERE node_name IS NOT NULL;
+-- Listing in creation order (ff_list_executions keyset pagination).
+CREATE INDEX ff_exec_core_lane_seq_idx ON ff_exec_core (lane_id, queue_seq);
+CREATE UNIQUE INDEX ff_exec_core_seq_idx ON ff_exec_core (queue_seq);
+-- Dead letters: failed and expired executions only.
+CREATE INDEX ff_exec_core_dead_idx ON ff_exec_core (terminal_at_ms)
+    WHERE terminal_outcome IN ('failed', 'expired');
 -- unique_key: one live execution per lane and key.
 CREATE UNIQUE INDEX ff_exec_core_unique_key_idx ON ff_exec_core (lane_id, unique_key)
     WHERE unique_key IS NOT NULL AND lifecycle_phase <> 'terminal';

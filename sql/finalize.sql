@@ -26,6 +26,9 @@ SELECT pg_catalog.pg_extension_config_dump('ff_quota_policy', '');
 SELECT pg_catalog.pg_extension_config_dump('ff_quota_window', '');
 SELECT pg_catalog.pg_extension_config_dump('ff_quota_admitted', '');
 SELECT pg_catalog.pg_extension_config_dump('ff_reconciler_status', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_schedule', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_lane_counter', '');
+SELECT pg_catalog.pg_extension_config_dump('ff_reconciler_total', '');
 SELECT pg_catalog.pg_extension_config_dump('ff_exec_core_queue_seq_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ff_completion_event_event_id_seq', '');
 
@@ -56,6 +59,8 @@ ALTER TABLE ff_budget_policy SET (fillfactor = 50, autovacuum_vacuum_scale_facto
 ALTER TABLE ff_quota_policy SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0,
     autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 0);
 ALTER TABLE ff_edge_group SET (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.05);
+ALTER TABLE ff_lane_counter SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0,
+    autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 0);
 
 -- flowfabric schema: roles and privileges.
 --
@@ -70,7 +75,8 @@ DECLARE
     ext oid := (SELECT oid FROM pg_extension WHERE extname = 'flowfabric');
     worker_functions text[] := ARRAY[
         'ff_claim_for_worker', 'ff_claim_batch', 'ff_renew_lease', 'ff_complete_execution', 'ff_fail_execution',
-        'ff_report_usage', 'ff_record_spend', 'ff_verify_grant', 'ff_get_execution', 'ff_lane_channel'];
+        'ff_report_usage', 'ff_record_spend', 'ff_verify_grant', 'ff_get_execution', 'ff_get_inputs',
+        'ff_lane_channel'];
     f record;
     t record;
 BEGIN

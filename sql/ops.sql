@@ -43,3 +43,43 @@ LEFT JOIN LATERAL (
     WHERE l.budget_id = u.budget_id AND l.dimensions_key = u.dimensions_key AND l.reserved > 0
 ) r ON true;
 COMMENT ON VIEW ff_budget_health IS 'Usage and reservations against limits per budget dimension: ok, near_hard_limit (usage + reserved >= 90 %), over_soft_limit, at_or_over_hard_limit.';
+
+CREATE VIEW ff_dead_letters AS
+SELECT format('{fp:%s}:%s', partition_key, execution_id) AS execution_id, lane_id, flow_id, node_name,
+       terminal_outcome, last_error, attempt_index AS attempts, max_attempts, payload, terminal_at_ms, created_at_ms
+FROM ff_exec_core
+WHERE terminal_outcome IN ('failed', 'expired');
+COMMENT ON VIEW ff_dead_letters IS 'Executions that ended failed or expired, with their last error; re-drive one with ff_retry_execution.';
+
+-- Counters since the extension was created. Each backend adds to its own
+-- row per lane (slot = its backend id), so counting never makes two
+-- transactions wait for each other; the view sums the slots.
+CREATE TABLE ff_lane_counter (
+    lane_id    text NOT NULL,
+    slot       int NOT NULL,
+    created    bigint NOT NULL DEFAULT 0,
+    claimed    bigint NOT NULL DEFAULT 0,
+    completed  bigint NOT NULL DEFAULT 0,
+    failed     bigint NOT NULL DEFAULT 0,
+    expired    bigint NOT NULL DEFAULT 0,
+    retried    bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (lane_id, slot)
+);
+
+-- Totals of every reconciler pass, by reconciler and count.
+CREATE TABLE ff_reconciler_total (
+    reconciler  text NOT NULL,
+    counter     text NOT NULL,
+    value       bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (reconciler, counter)
+);
+
+CREATE VIEW ff_metrics AS
+SELECT 'lane'::text AS scope, c.lane_id AS name, m.metric, sum(m.value)::bigint AS value
+FROM ff_lane_counter c
+CROSS JOIN LATERAL (VALUES ('created', c.created), ('claimed', c.claimed), ('completed', c.completed),
+                           ('failed', c.failed), ('expired', c.expired), ('retried', c.retried)) AS m(metric, value)
+GROUP BY c.lane_id, m.metric
+UNION ALL
+SELECT 'reconciler', reconciler, counter, value FROM ff_reconciler_total;
+COMMENT ON VIEW ff_metrics IS 'Cumulative counters for scraping: per lane (created, claimed, completed, failed, expired, retried) and per reconciler.';

@@ -1,30 +1,97 @@
-//! The background worker: one per database in `flowfabric.database`, each
-//! running `ff_run_reconcilers()` every `flowfabric.reconciler_interval_ms`
-//! in its own transaction. Errors are logged and recorded in
-//! `ff_reconciler_status`; the worker goes on.
+//! Background workers. With the library in `shared_preload_libraries`, a
+//! launcher (connected to no database, only the shared catalogs) starts one
+//! reconciler per database listed in `flowfabric.database` as soon as that
+//! database exists, and starts it again if it stops. A database created
+//! later is picked up within one interval, quietly. Each reconciler runs
+//! `ff_run_reconcilers()` every `flowfabric.reconciler_interval_ms` in its
+//! own transaction; errors are logged and recorded in `ff_reconciler_status`
+//! and the worker goes on.
 
 use crate::db::in_subtransaction;
 use crate::guc;
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime, DynamicBackgroundWorker,
+    SignalWakeFlags,
+};
 use pgrx::prelude::*;
 use pgrx::JsonB;
+use std::collections::HashMap;
+use std::ffi::CString;
 use std::time::Duration;
 
-/// Registers the workers; only possible while shared_preload_libraries load.
+/// Registers the launcher; only possible while shared_preload_libraries load.
 pub fn register() {
     if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         return;
     }
-    for db in guc::databases() {
-        BackgroundWorkerBuilder::new(&format!("flowfabric reconciler [{db}]"))
-            .set_type("flowfabric reconciler")
-            .set_library("flowfabric")
-            .set_function("ff_reconciler_main")
-            .set_extra(&db)
-            .enable_spi_access()
-            .set_start_time(BgWorkerStartTime::RecoveryFinished)
-            .set_restart_time(Some(Duration::from_secs(10)))
-            .load();
+    BackgroundWorkerBuilder::new("flowfabric launcher")
+        .set_type("flowfabric launcher")
+        .set_library("flowfabric")
+        .set_function("ff_launcher_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+fn interval() -> Duration {
+    Duration::from_millis(guc::RECONCILER_INTERVAL_MS.get().max(10) as u64)
+}
+
+/// Whether a database of that name exists (reads the shared catalog).
+fn database_exists(name: &str) -> bool {
+    let Ok(name) = CString::new(name) else { return false };
+    BackgroundWorker::transaction(|| unsafe { pg_sys::get_database_oid(name.as_ptr(), true) } != pg_sys::InvalidOid)
+}
+
+fn launch(db: &str) -> Option<DynamicBackgroundWorker> {
+    BackgroundWorkerBuilder::new(&format!("flowfabric reconciler [{db}]"))
+        .set_type("flowfabric reconciler")
+        .set_library("flowfabric")
+        .set_function("ff_reconciler_main")
+        .set_extra(db)
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(None)
+        .load_dynamic()
+        .ok()
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn ff_launcher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    let mut running: HashMap<String, DynamicBackgroundWorker> = HashMap::new();
+    let mut waiting_logged: Vec<String> = Vec::new();
+    loop {
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: the documented way for a worker to apply a reload.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        for db in guc::databases() {
+            let alive = running.get(&db).is_some_and(|w| !matches!(w.pid(), Err(BackgroundWorkerStatus::Stopped)));
+            if alive {
+                continue;
+            }
+            running.remove(&db);
+            if !database_exists(&db) {
+                if !waiting_logged.contains(&db) {
+                    log!("flowfabric launcher: database \"{db}\" does not exist yet; waiting for it");
+                    waiting_logged.push(db);
+                }
+                continue;
+            }
+            match launch(&db) {
+                Some(worker) => {
+                    running.insert(db, worker);
+                }
+                None => warning!("flowfabric launcher: could not start a reconciler for \"{db}\" (max_worker_processes?)"),
+            }
+        }
+        if !BackgroundWorker::wait_latch(Some(interval())) {
+            break;
+        }
     }
 }
 
@@ -36,8 +103,7 @@ pub extern "C-unwind" fn ff_reconciler_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
     log!("flowfabric reconciler started in database \"{db}\"");
     loop {
-        let interval = Duration::from_millis(guc::RECONCILER_INTERVAL_MS.get().max(10) as u64);
-        if !BackgroundWorker::wait_latch(Some(interval)) {
+        if !BackgroundWorker::wait_latch(Some(interval())) {
             break;
         }
         if BackgroundWorker::sighup_received() {

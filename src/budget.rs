@@ -52,7 +52,8 @@ pub struct Mode {
     /// `advisory`: nothing is refused, breaches are still counted and announced.
     pub strict: bool,
     /// `reject` (old name `fail`): the report that would cross applies
-    /// nothing; `record`: it applies in full and answers `hard_breach`.
+    /// nothing; `record`: it applies in full and answers `hard_breach`, and
+    /// reports after usage is past the limit are refused.
     pub reject: bool,
     /// `notify`: soft breaches are announced too (`warn`: outcome only).
     pub notify_soft: bool,
@@ -200,9 +201,11 @@ pub struct Verdict {
 
 /// Decides a report against current usage. The first dimension by name
 /// whose new value passes its hard limit is a hard breach: refused whole
-/// (reporting the usage before) when the budget refuses reports, otherwise
-/// applied (reporting the new usage). Without a hard breach everything
-/// applies and the first dimension over its soft limit is reported.
+/// (reporting the usage before) under `reject`, and under `record` when a
+/// dimension it adds to is already past its limit; otherwise applied
+/// (reporting the new usage). `advisory` budgets never refuse. Without a
+/// hard breach everything applies and the first dimension over its soft
+/// limit is reported.
 pub fn evaluate(policy: &Policy, mode: Mode, current: &BTreeMap<String, i64>, deltas: &BTreeMap<String, i64>) -> FfResult<Verdict> {
     let mut new_values = BTreeMap::new();
     for (dim, delta) in deltas {
@@ -217,7 +220,13 @@ pub fn evaluate(policy: &Policy, mode: Mode, current: &BTreeMap<String, i64>, de
         Some((dim, *cur, *new, limit))
     });
     if let Some((dim, cur, new, limit)) = hard {
-        let refuse = mode.refuses_reports();
+        // `record` books the report that crosses (spend that happened), but
+        // once a dimension is past its limit nothing more is added to it, so
+        // usage ends at most one report past the limit.
+        let already_past = new_values
+            .iter()
+            .any(|(d, (cur, new))| new > cur && policy.hard_limit(d).is_some_and(|l| *cur > l));
+        let refuse = mode.refuses_reports() || (mode.strict && already_past);
         let usage = if refuse { cur } else { new };
         let outcome = Outcome::HardBreach { dimension: dim.clone(), current_usage: usage, hard_limit: limit };
         return Ok(Verdict { outcome, apply: !refuse });
@@ -239,20 +248,27 @@ pub struct Headroom {
     pub hard_limit: i64,
 }
 
+/// Why admission refuses an execution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The budget has no headroom left: nothing naming it can be admitted.
+    Exhausted(String),
+    /// Only this execution's reserve does not fit; a smaller one may.
+    ReserveTooBig(String),
+}
+
 /// Claim-time admission: every hard-limited dimension must fit
 /// `usage + reserved + reserve <= hard`; a dimension the execution reserves
-/// nothing of needs `usage + reserved < hard`. Returns the first budget
-/// that refuses.
-pub fn refusing_budget<'a>(dims: &'a [Headroom], reserve: &BTreeMap<String, i64>) -> Option<&'a str> {
-    dims.iter()
-        .find(|d| {
-            let taken = d.usage.saturating_add(d.reserved);
-            match reserve.get(&d.dimension) {
-                Some(r) => taken.saturating_add(*r) > d.hard_limit,
-                None => taken >= d.hard_limit,
-            }
-        })
-        .map(|d| d.budget_id.as_str())
+/// nothing of needs `usage + reserved < hard`. Returns the first refusal.
+pub fn refusal(dims: &[Headroom], reserve: &BTreeMap<String, i64>) -> Option<Refusal> {
+    dims.iter().find_map(|d| {
+        let taken = d.usage.saturating_add(d.reserved);
+        if taken >= d.hard_limit {
+            return Some(Refusal::Exhausted(d.budget_id.clone()));
+        }
+        let r = reserve.get(&d.dimension)?;
+        (taken.saturating_add(*r) > d.hard_limit).then(|| Refusal::ReserveTooBig(d.budget_id.clone()))
+    })
 }
 
 /// Parses `{"dim": n, ...}` with non-negative integer values.
@@ -458,6 +474,9 @@ pub fn report_usage(
     with_spi(|c| {
         let now = now_ms();
         if let Some(id) = spend {
+            if read_policy(c, budget_id)?.is_none() {
+                return Err(budget_missing(budget_id));
+            }
             bind_spend(c, id, budget_id)?;
         }
         if let Some(key) = dedup_key {
@@ -850,7 +869,7 @@ pub fn admit(
     execution: &pgrx::Uuid,
     wait: LockWait,
     now: i64,
-) -> FfResult<Result<(), String>> {
+) -> FfResult<Result<(), Refusal>> {
     if budget_ids.is_empty() {
         return Ok(Ok(()));
     }
@@ -864,7 +883,8 @@ pub fn admit(
         let t = exec(c, COUNT_HARD_LIMITED, &[budget_ids.to_vec().into()])?;
         let total: i64 = first_row(t).map(|r| col_req(&r, 1)).transpose()?.unwrap_or(0);
         if locked < total {
-            return Ok(Err(budget_ids[0].clone())); // held elsewhere and we may not wait
+            // Held elsewhere and we may not wait: try this one again later.
+            return Ok(Err(Refusal::ReserveTooBig(budget_ids[0].clone())));
         }
     }
     let t = exec(
@@ -888,8 +908,8 @@ pub fn admit(
             reserved: row.get(5)?.unwrap_or(0),
         });
     }
-    if let Some(refused) = refusing_budget(&dims, reserve) {
-        return Ok(Err(refused.to_string()));
+    if let Some(refused) = refusal(&dims, reserve) {
+        return Ok(Err(refused));
     }
     let held: Vec<&Headroom> = dims.iter().filter(|d| reserve.contains_key(&d.dimension)).collect();
     if !held.is_empty() {
@@ -1098,6 +1118,18 @@ mod tests {
     }
 
     #[test]
+    fn record_refuses_once_usage_is_past_the_limit() {
+        let p = policy(&[("tokens", 100)], &[]);
+        let v = evaluate(&p, RECORD, &map(&[("tokens", 110)]), &map(&[("tokens", 5)])).unwrap();
+        assert_eq!(v.outcome, Outcome::HardBreach { dimension: "tokens".into(), current_usage: 110, hard_limit: 100 });
+        assert!(!v.apply);
+        let at_limit = evaluate(&p, RECORD, &map(&[("tokens", 100)]), &map(&[("tokens", 5)])).unwrap();
+        assert!(at_limit.apply, "from the limit itself a report still crosses");
+        let advisory = evaluate(&p, ADVISORY, &map(&[("tokens", 110)]), &map(&[("tokens", 5)])).unwrap();
+        assert!(advisory.apply);
+    }
+
+    #[test]
     fn record_and_advisory_apply_and_report_the_new_usage() {
         let p = policy(&[("tokens", 100)], &[]);
         for mode in [RECORD, ADVISORY] {
@@ -1177,13 +1209,13 @@ mod tests {
     #[test]
     fn admission_counts_reservations() {
         let dims = [room("a", "tokens", 9_000, 5_000, 15_000), room("b", "tokens", 0, 0, 100)];
-        assert_eq!(refusing_budget(&dims, &map(&[("tokens", 100)])), None);
-        assert_eq!(refusing_budget(&dims, &map(&[("tokens", 101)])), Some("b"));
-        assert_eq!(refusing_budget(&dims, &map(&[("tokens", 1_001)])), Some("a"));
+        assert_eq!(refusal(&dims, &map(&[("tokens", 100)])), None);
+        assert_eq!(refusal(&dims, &map(&[("tokens", 101)])), Some(Refusal::ReserveTooBig("b".into())));
+        assert_eq!(refusal(&dims, &map(&[("tokens", 1_001)])), Some(Refusal::ReserveTooBig("a".into())));
         // No reserve: refused only at or over the limit, reservations included.
-        assert_eq!(refusing_budget(&[room("a", "t", 9, 0, 10)], &map(&[])), None);
-        assert_eq!(refusing_budget(&[room("a", "t", 9, 1, 10)], &map(&[])), Some("a"));
-        assert_eq!(refusing_budget(&[room("a", "t", 10, 0, 10)], &map(&[])), Some("a"));
+        assert_eq!(refusal(&[room("a", "t", 9, 0, 10)], &map(&[])), None);
+        assert_eq!(refusal(&[room("a", "t", 9, 1, 10)], &map(&[])), Some(Refusal::Exhausted("a".into())));
+        assert_eq!(refusal(&[room("a", "t", 10, 0, 10)], &map(&[("t", 5)])), Some(Refusal::Exhausted("a".into())));
     }
 
     #[test]

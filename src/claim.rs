@@ -1,7 +1,7 @@
 //! The claim pipeline and leases: pick, admit, sign, lease; then renew,
 //! complete or fail under the grant (fencing).
 
-use crate::budget::{self, LockWait};
+use crate::budget::{self, LockWait, Refusal};
 use crate::crypto::{grant_id, parse_grant_key, signature_matches, Grant};
 use crate::db::{attempt, col, col_req, exec, first_row, now_ms, with_spi};
 use crate::dispatch;
@@ -104,11 +104,13 @@ struct Picked {
 struct Refusals {
     budgets: Vec<String>,
     quotas: Vec<String>,
+    /// Candidates refused on their own (a reserve that does not fit).
+    executions: Vec<pgrx::Uuid>,
 }
 
 impl Refusals {
     fn len(&self) -> usize {
-        self.budgets.len() + self.quotas.len()
+        self.budgets.len() + self.quotas.len() + self.executions.len()
     }
 }
 
@@ -197,29 +199,32 @@ fn rank_sets(c: &mut SpiClient<'_>, lane: &str, sets: &[i32], refused: &Refusals
 /// locks runs in a subtransaction that is rolled back on refusal, so a
 /// refused candidate leaves no lock behind and the next one starts clean.
 fn admit(c: &mut SpiClient<'_>, cand: &Candidate, wait: LockWait, refused: &mut Refusals, now: i64) -> FfResult<bool> {
-    let check = |c: &mut SpiClient<'_>| -> FfResult<Result<(), (bool, String)>> {
-        if let Err(budget) = budget::admit(c, &cand.budget_ids, &cand.reserve, &cand.uuid, wait, now)? {
-            return Ok(Err((true, budget)));
+    let check = |c: &mut SpiClient<'_>| -> FfResult<Result<(), Refused>> {
+        if let Err(why) = budget::admit(c, &cand.budget_ids, &cand.reserve, &cand.uuid, wait, now)? {
+            return Ok(Err(Refused::Budget(why)));
         }
         if let Some(q) = &cand.quota_policy_id {
             if !quota::admit(c, q, &cand.uuid, wait, now)? {
-                return Ok(Err((false, q.clone())));
+                return Ok(Err(Refused::Quota(q.clone())));
             }
         }
         Ok(Ok(()))
     };
     let verdict = if cand.takes_locks() { attempt(|| check(c))? } else { check(c)? };
     match verdict {
-        Ok(()) => Ok(true),
-        Err((true, budget)) => {
-            refused.budgets.push(budget);
-            Ok(false)
-        }
-        Err((false, q)) => {
-            refused.quotas.push(q);
-            Ok(false)
-        }
+        Ok(()) => return Ok(true),
+        // A budget with no headroom refuses everything naming it.
+        Err(Refused::Budget(Refusal::Exhausted(b))) => refused.budgets.push(b),
+        // Only this candidate's reserve does not fit: a smaller one may.
+        Err(Refused::Budget(Refusal::ReserveTooBig(_))) => refused.executions.push(cand.uuid),
+        Err(Refused::Quota(q)) => refused.quotas.push(q),
     }
+    Ok(false)
+}
+
+enum Refused {
+    Budget(Refusal),
+    Quota(String),
 }
 
 /// The whole claim, inside the caller's transaction: lanes in the order
@@ -248,7 +253,8 @@ pub fn claim(r: &ClaimRequest) -> FfResult<Vec<(Leased, i64)>> {
                         None => break,
                     },
                 };
-                let taken: Vec<pgrx::Uuid> = admitted.iter().map(|a| a.uuid).collect();
+                let taken: Vec<pgrx::Uuid> =
+                    admitted.iter().map(|a| a.uuid).chain(refused.executions.iter().copied()).collect();
                 let picked = pick(c, lane, set, r.max_count - admitted.len(), &refused, &taken, now)?;
                 key.get_or_insert_with(|| (picked.kid.clone(), picked.secret.clone()));
                 if picked.rows.is_empty() && picked.newest_set > seen {

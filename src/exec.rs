@@ -45,6 +45,7 @@ use crate::db::{col, col_req, exec, first_row, now_ms, with_spi};
 use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::ids::{check_text_id, clip, crc16, ExecutionId};
 use crate::jsonb::{RawJsonb, RawJsonbArray};
+use crate::metrics::{self, Counter, Tally};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use serde_json::Value;
@@ -600,13 +601,17 @@ pub fn create(c: &mut SpiClient<'_>, rows: &[NewRow<'_>], namespace: Option<&str
     )?;
     let mut created: HashMap<[u8; 16], i16> = HashMap::with_capacity(rows.len());
     let mut notify = BTreeSet::new();
+    let mut tally = Tally::default();
     for row in t {
         let id: pgrx::Uuid = row.get(1)?.ok_or_else(|| FfError::internal("NULL execution id"))?;
         created.insert(*id.as_bytes(), row.get(2)?.unwrap_or(0));
+        let lane = row.get::<String>(3)?.unwrap_or_default();
+        tally.add(&lane, Counter::Created, 1);
         if row.get::<bool>(4)?.unwrap_or(false) {
-            notify.insert(row.get::<String>(3)?.unwrap_or_default());
+            notify.insert(lane);
         }
     }
+    tally.flush(c)?;
     let mut out = Vec::with_capacity(rows.len());
     for (i, uuid) in uuids.iter().enumerate() {
         match created.get(uuid.as_bytes()) {
@@ -738,8 +743,10 @@ pub fn lease(
     )?;
     let mut keys: HashMap<[u8; 16], String> = rows.into_iter().map(|r| (*r.uuid.as_bytes(), r.grant_key)).collect();
     let mut out = Vec::new();
+    let mut tally = Tally::default();
     for row in t {
         let uuid: pgrx::Uuid = row.get(1)?.ok_or_else(|| FfError::internal("NULL execution id"))?;
+        tally.add(&row.get::<String>(3)?.unwrap_or_default(), Counter::Claimed, 1);
         out.push(Leased {
             id: ExecutionId { uuid: from_pg_uuid(&uuid), partition: row.get(2)?.unwrap_or(0) },
             lane_id: row.get(3)?.unwrap_or_default(),
@@ -748,6 +755,7 @@ pub fn lease(
             grant_key: keys.remove(uuid.as_bytes()).unwrap_or_default(),
         });
     }
+    tally.flush(c)?;
     Ok(out)
 }
 
@@ -910,10 +918,21 @@ pub fn finish(c: &mut SpiClient<'_>, uuids: &[pgrx::Uuid], e: &Ending<'_>, wait:
         ],
     )?;
     let mut out = Vec::new();
+    let mut tally = Tally::default();
+    let counter = match e.outcome {
+        Outcome::Success => Some(Counter::Completed),
+        Outcome::Failed => Some(Counter::Failed),
+        Outcome::Expired => Some(Counter::Expired),
+        Outcome::Cancelled | Outcome::Skipped => None,
+    };
     for row in t {
         let Some(uuid) = row.get::<pgrx::Uuid>(1)? else { continue };
+        if let Some(counter) = counter {
+            tally.add(&row.get::<String>(3)?.unwrap_or_default(), counter, 1);
+        }
         out.push(Ended { uuid, flow: row.get(2)?, outcome: e.outcome });
     }
+    tally.flush(c)?;
     Ok(out)
 }
 
@@ -936,7 +955,7 @@ macro_rules! finish_sql {
                      last_error = coalesce($5, x.last_error), cancellation_reason = coalesce($6, x.cancellation_reason),
                      terminal_at_ms = $7, lease_expires_at_ms = NULL, current_grant_id = NULL
                  FROM old WHERE x.execution_id = old.execution_id
-                 RETURNING x.execution_id, x.partition_key, x.flow_id, x.namespace, x.instance_tag,
+                 RETURNING x.execution_id, x.partition_key, x.flow_id, x.namespace, x.instance_tag, x.lane_id,
                            old.was, old.attempt_index, old.quota_policy_id),
              att AS (
                  UPDATE ff_attempt a SET outcome = $2, error = $5, terminal_at_ms = $7, lease_expires_at_ms = NULL
@@ -954,7 +973,7 @@ macro_rules! finish_sql {
                  SELECT partition_key, execution_id, flow_id, $2, namespace, instance_tag, $7,
                         CASE WHEN $8 THEN $7 END
                  FROM ended)
-             SELECT execution_id, flow_id FROM ended"
+             SELECT execution_id, flow_id, lane_id FROM ended"
         )
     };
 }
@@ -986,11 +1005,12 @@ pub fn requeue(c: &mut SpiClient<'_>, uuid: &uuid::Uuid, outcome: &str, error: &
          RETURNING x.lane_id",
         &[pg_uuid(uuid).into(), error.into(), eligible_at_ms.into(), now.into(), outcome.into()],
     )?;
-    let lane: Option<String> = first_row(t).map(|r| col_req(&r, 1)).transpose()?;
-    match lane {
-        Some(lane) if eligible_at_ms <= now => notify_lane(c, &lane),
-        _ => Ok(()),
+    let Some(lane) = first_row(t).map(|r| col_req::<String>(&r, 1)).transpose()? else { return Ok(()) };
+    metrics::count(c, &lane, Counter::Retried, 1)?;
+    if eligible_at_ms <= now {
+        notify_lane(c, &lane)?;
     }
+    Ok(())
 }
 
 /// Terminal (failed, expired or cancelled) -> Waiting for a solo execution:
@@ -1030,7 +1050,9 @@ pub fn revive(c: &mut SpiClient<'_>, id: &ExecutionId, reset_attempts: bool) -> 
         &[pg_uuid(&id.uuid).into(), reset_attempts.into()],
     )?;
     if let Some(row) = first_row(t) {
-        notify_lane(c, &col_req::<String>(&row, 1)?)?;
+        let lane: String = col_req(&row, 1)?;
+        metrics::count(c, &lane, Counter::Retried, 1)?;
+        notify_lane(c, &lane)?;
     }
     Ok("requeued")
 }

@@ -618,3 +618,400 @@ fn ff_cancel_flow(flow_id: Option<Uuid>, reason: default!(Option<String>, "'canc
 fn ff_cancel_execution(execution_id: Option<String>, reason: default!(Option<String>, "'cancelled'")) -> &'static str {
     (|| cancel_execution(&parse_exec(execution_id, "execution_id")?, &check_reason(reason)?))().or_raise()
 }
+
+// ---------------------------------------------------------------------------
+// Whole flows: submit, read, inputs
+// ---------------------------------------------------------------------------
+
+/// Most nodes and edges one `ff_submit_flow` call may hold.
+pub const MAX_SUBMIT_NODES: usize = 100_000;
+
+/// One node of a submitted spec, validated.
+struct SpecNode {
+    name: Option<String>,
+    options: exec::Options,
+    policy: Option<GroupPolicy>,
+    payload: Option<RawJsonb>,
+}
+
+fn spec_error(msg: impl Into<String>) -> FfError {
+    FfError::invalid(format!("flow spec: {}", msg.into()))
+}
+
+fn json_str(v: &serde_json::Value, what: &str) -> FfResult<String> {
+    v.as_str().map(str::to_string).ok_or_else(|| spec_error(format!("{what} must be a string, got {}", clip(&v.to_string()))))
+}
+
+fn json_int(v: &serde_json::Value, what: &str) -> FfResult<i64> {
+    v.as_i64().ok_or_else(|| spec_error(format!("{what} must be an integer, got {}", clip(&v.to_string()))))
+}
+
+fn json_strings(v: &serde_json::Value, what: &str) -> FfResult<Vec<Option<String>>> {
+    let items = v.as_array().ok_or_else(|| spec_error(format!("{what} must be an array of strings")))?;
+    items.iter().map(|i| json_str(i, what).map(Some)).collect()
+}
+
+/// Reads one node (everything but its payload, which stays a jsonb datum).
+fn spec_node(i: usize, fields: &serde_json::Value, flow: &uuid::Uuid, payload: Option<RawJsonb>) -> FfResult<SpecNode> {
+    let obj = fields.as_object().ok_or_else(|| spec_error(format!("node {i} must be an object")))?;
+    let at = |k: &str| format!("nodes[{i}].{k}");
+    let mut o = exec::Options { flow_id: Some(*flow), max_attempts: 1, ..exec::Options::default() };
+    let (mut name, mut policy, mut lane) = (None, None, None);
+    for (k, v) in obj {
+        match k.as_str() {
+            "name" => name = Some(check_text_id("node name", &json_str(v, &at(k))?)?.to_string()),
+            "lane" => lane = Some(json_str(v, &at(k))?),
+            "priority" => {
+                o.priority = i32::try_from(json_int(v, &at(k))?).map_err(|_| spec_error(format!("{} is out of range", at(k))))?
+            }
+            "required_capabilities" => {
+                o.required_capabilities = exec::normalize_capabilities(&at(k), &json_strings(v, &at(k))?)?
+            }
+            "budget_ids" => o.budget_ids = json_strings(v, &at(k))?.into_iter().flatten().collect(),
+            "budget_reserve" => o.budget_reserve = exec::parse_reserve(v)?,
+            "quota_policy_id" => o.quota_policy_id = Some(json_str(v, &at(k))?),
+            "max_attempts" => {
+                o.max_attempts = i32::try_from(json_int(v, &at(k))?).map_err(|_| spec_error(format!("{} is out of range", at(k))))?
+            }
+            "delay_until_ms" => o.delay_until_ms = Some(json_int(v, &at(k))?),
+            "retry_policy" => o.retry = exec::RetryPolicy::parse(v)?,
+            "policy" => policy = Some(GroupPolicy::parse(v)?),
+            other => {
+                return Err(spec_error(format!(
+                    "nodes[{i}] has an unknown key \"{}\" (known: name, lane, payload, priority, required_capabilities, \
+                     budget_ids, budget_reserve, quota_policy_id, max_attempts, delay_until_ms, retry_policy, policy)",
+                    clip(other)
+                )))
+            }
+        }
+    }
+    o.lane_id = lane.ok_or_else(|| spec_error(format!("nodes[{i}] needs a \"lane\"")))?;
+    Ok(SpecNode { name, options: o.validate()?, policy, payload })
+}
+
+/// Edges by node index; every name must exist, no edge twice.
+fn spec_edges(v: Option<&serde_json::Value>, names: &BTreeMap<String, usize>) -> FfResult<Vec<(usize, usize, String)>> {
+    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(Vec::new()) };
+    let items = v.as_array().ok_or_else(|| spec_error("\"edges\" must be an array"))?;
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(items.len());
+    for (i, e) in items.iter().enumerate() {
+        let obj = e.as_object().ok_or_else(|| spec_error(format!("edges[{i}] must be an object")))?;
+        let end = |k: &str| -> FfResult<usize> {
+            let name = json_str(obj.get(k).ok_or_else(|| spec_error(format!("edges[{i}] needs \"{k}\"")))?, &format!("edges[{i}].{k}"))?;
+            names.get(&name).copied().ok_or_else(|| spec_error(format!("edges[{i}].{k} names an unknown node \"{}\"", clip(&name))))
+        };
+        let (from, to) = (end("from")?, end("to")?);
+        let kind = match obj.get("kind") {
+            Some(k) => check_text_id("edge kind", &json_str(k, &format!("edges[{i}].kind"))?)?.to_string(),
+            None => "success_only".to_string(),
+        };
+        if let Some(bad) = obj.keys().find(|k| !["from", "to", "kind"].contains(&k.as_str())) {
+            return Err(spec_error(format!("edges[{i}] has an unknown key \"{}\" (known: from, to, kind)", clip(bad))));
+        }
+        if !seen.insert((from, to)) {
+            return Err(spec_error(format!("edges[{i}] repeats an edge already given")));
+        }
+        out.push((from, to, kind));
+    }
+    Ok(out)
+}
+
+/// Kahn's algorithm: `Some(node)` on a node of a cycle, in O(nodes + edges).
+pub fn find_cycle(nodes: usize, edges: &[(usize, usize)]) -> Option<usize> {
+    let mut indegree = vec![0usize; nodes];
+    let mut out: Vec<Vec<usize>> = vec![Vec::new(); nodes];
+    for &(a, b) in edges {
+        out[a].push(b);
+        indegree[b] += 1;
+    }
+    let mut ready: Vec<usize> = (0..nodes).filter(|&n| indegree[n] == 0).collect();
+    let mut done = 0;
+    while let Some(n) = ready.pop() {
+        done += 1;
+        for &m in &out[n] {
+            indegree[m] -= 1;
+            if indegree[m] == 0 {
+                ready.push(m);
+            }
+        }
+    }
+    (done < nodes).then(|| (0..nodes).find(|&n| indegree[n] > 0)).flatten()
+}
+
+/// Builds a whole flow in one call: nodes, edges and group policies, all or
+/// nothing. Re-submitting the same `flow_id` with the same spec returns the
+/// first answer; with another spec it is 23505.
+pub fn submit_flow(spec: RawJsonb) -> FfResult<RawJsonb> {
+    with_spi(|c| {
+        // The skeleton is read through SQL so payloads stay jsonb datums
+        // (any depth, any numeric); only the small fields are parsed here.
+        let t = exec(
+            c,
+            "SELECT jsonb_typeof($1), $1 - 'nodes', jsonb_typeof($1 -> 'nodes'),
+                    encode(sha256(convert_to($1::text, 'UTF8')), 'hex')",
+            &[spec.into()],
+        )?;
+        let row = first_row(t).ok_or_else(|| FfError::internal("no row"))?;
+        if col::<String>(&row, 1)?.as_deref() != Some("object") {
+            return Err(spec_error("the spec must be a JSON object"));
+        }
+        if col::<String>(&row, 3)?.as_deref() != Some("array") {
+            return Err(spec_error("\"nodes\" must be an array of node objects"));
+        }
+        let top = col::<pgrx::JsonB>(&row, 2)?.map(|j| j.0).unwrap_or_default();
+        let digest: String = col_req(&row, 4)?;
+        if let Some(bad) = top.as_object().and_then(|o| o.keys().find(|k| !["flow_id", "namespace", "edges"].contains(&k.as_str()))) {
+            return Err(spec_error(format!("unknown key \"{}\" (known: flow_id, namespace, nodes, edges)", clip(bad))));
+        }
+        let flow = match top.get("flow_id") {
+            None | Some(serde_json::Value::Null) => uuid::Uuid::new_v4(),
+            Some(v) => crate::ids::parse_uuid(&json_str(v, "flow_id")?).ok_or_else(|| spec_error("flow_id must be a uuid"))?,
+        };
+        let namespace = match top.get("namespace") {
+            Some(v) => check_text_id("namespace", &json_str(v, "namespace")?)?.to_string(),
+            None => "default".to_string(),
+        };
+        if let Some(answer) = resubmission(c, &pg_uuid(&flow), &digest)? {
+            return Ok(answer);
+        }
+        let t = exec(
+            c,
+            "SELECT n - 'payload', n -> 'payload' FROM jsonb_array_elements($1 -> 'nodes') WITH ORDINALITY AS x(n, i)
+             ORDER BY i",
+            &[spec.into()],
+        )?;
+        let mut nodes = Vec::new();
+        for (i, row) in t.enumerate() {
+            if i >= MAX_SUBMIT_NODES {
+                return Err(spec_error(format!("more than {MAX_SUBMIT_NODES} nodes")));
+            }
+            let fields = row.get::<pgrx::JsonB>(1)?.map(|j| j.0).unwrap_or_default();
+            let payload = row.get::<RawJsonb>(2)?;
+            nodes.push(spec_node(i, &fields, &flow, payload)?);
+        }
+        let mut names = BTreeMap::new();
+        for (i, n) in nodes.iter().enumerate() {
+            if let Some(name) = &n.name {
+                if names.insert(name.clone(), i).is_some() {
+                    return Err(spec_error(format!("node name \"{}\" is used twice", clip(name))));
+                }
+            }
+        }
+        let edges = spec_edges(top.get("edges"), &names)?;
+        let pairs: Vec<(usize, usize)> = edges.iter().map(|(a, b, _)| (*a, *b)).collect();
+        if let Some(n) = find_cycle(nodes.len(), &pairs) {
+            let label = nodes[n].name.clone().unwrap_or_else(|| format!("#{n}"));
+            return Err(spec_error(format!("the edges form a cycle through node \"{}\"", clip(&label))));
+        }
+        let Some(answer) = insert_flow(c, &flow, &namespace, &nodes, &edges, &names)? else {
+            // Someone submitted this flow id at the same moment: same spec, same answer.
+            return resubmission(c, &pg_uuid(&flow), &digest)?
+                .ok_or_else(|| FfError::internal("flow vanished after a conflict"));
+        };
+        exec(
+            c,
+            "UPDATE ff_flow_core SET submit_digest = $2, submit_answer = $3 WHERE flow_id = $1",
+            &[pg_uuid(&flow).into(), digest.into(), pgrx::JsonB(answer.clone()).into()],
+        )?;
+        let t = exec(c, "SELECT $1::jsonb", &[pgrx::JsonB(answer).into()])?;
+        let row = first_row(t).ok_or_else(|| FfError::internal("no row"))?;
+        RawJsonb::from_spi(&row, 1)?.ok_or_else(|| FfError::internal("NULL answer"))
+    })
+}
+
+/// The stored answer when this flow was submitted before with this spec;
+/// 23505 when it exists otherwise.
+fn resubmission(c: &mut SpiClient<'_>, flow: &Uuid, digest: &str) -> FfResult<Option<RawJsonb>> {
+    let t = exec(c, "SELECT submit_digest, submit_answer FROM ff_flow_core WHERE flow_id = $1", &[(*flow).into()])?;
+    let Some(row) = first_row(t) else { return Ok(None) };
+    if col::<String>(&row, 1)?.as_deref() == Some(digest) {
+        return RawJsonb::from_spi(&row, 2);
+    }
+    Err(FfError::duplicate(format!("flow {flow} already exists with a different spec")))
+}
+
+/// Inserts the flow row, its executions (blocked when they have inbound
+/// edges), edges and groups, set-based; returns the answer.
+fn insert_flow(
+    c: &mut SpiClient<'_>,
+    flow: &uuid::Uuid,
+    namespace: &str,
+    nodes: &[SpecNode],
+    edges: &[(usize, usize, String)],
+    names: &BTreeMap<String, usize>,
+) -> FfResult<Option<serde_json::Value>> {
+    let now = now_ms();
+    let flow_pg = pg_uuid(flow);
+    let revision = (nodes.len() + edges.len()) as i64;
+    let t = exec(
+        c,
+        "INSERT INTO ff_flow_core (flow_id, partition_key, namespace, graph_revision, node_count, edge_count,
+             live_count, created_at_ms)
+         VALUES ($1, ($2 % (SELECT num_flow_partitions FROM ff_partition_config))::smallint, $3, $4, $5, $6, $5, $7)
+         ON CONFLICT (flow_id) DO NOTHING RETURNING partition_key",
+        &[
+            flow_pg.into(),
+            i32::from(crc16(flow.as_bytes())).into(),
+            namespace.into(),
+            revision.into(),
+            (nodes.len() as i32).into(),
+            (edges.len() as i32).into(),
+            now.into(),
+        ],
+    )?;
+    let Some(partition) = first_row(t).map(|r| col_req::<i16>(&r, 1)).transpose()? else {
+        // A concurrent submission of the same id committed while we waited.
+        return Ok(None);
+    };
+    let mut indegree = vec![0; nodes.len()];
+    for (_, to, _) in edges {
+        indegree[*to] += 1;
+    }
+    let mut checked = HashSet::new();
+    for n in nodes {
+        if checked.insert((n.options.budget_ids.clone(), n.options.quota_policy_id.clone())) {
+            exec::check_references(c, &n.options)?;
+        }
+    }
+    let rows: Vec<exec::NewRow<'_>> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| exec::NewRow {
+            options: &n.options,
+            execution_id: None,
+            payload: n.payload,
+            node_name: n.name.as_deref(),
+            member: true,
+            blocked: indegree[i] > 0,
+        })
+        .collect();
+    let ids = exec::create(c, &rows, Some(namespace))?;
+    if ids.len() != nodes.len() {
+        return Err(FfError::internal("flow nodes were not all created"));
+    }
+    let uuids: Vec<Uuid> = ids.iter().map(|id| pg_uuid(&id.uuid)).collect();
+    if !edges.is_empty() {
+        let edge_ids: Vec<Uuid> = edges.iter().map(|_| pg_uuid(&uuid::Uuid::new_v4())).collect();
+        let ups: Vec<Uuid> = edges.iter().map(|(a, _, _)| uuids[*a]).collect();
+        let downs: Vec<Uuid> = edges.iter().map(|(_, b, _)| uuids[*b]).collect();
+        let kinds: Vec<String> = edges.iter().map(|(_, _, k)| k.clone()).collect();
+        exec(
+            c,
+            "INSERT INTO ff_edge (flow_id, edge_id, partition_key, upstream_eid, downstream_eid, dependency_kind,
+                 edge_state, created_at_ms, applied_at_ms)
+             SELECT $1, e.id, $2, e.up, e.down, e.kind, 'applied', $7, $7
+             FROM unnest($3::uuid[], $4::uuid[], $5::uuid[], $6::text[]) AS e(id, up, down, kind)",
+            &[flow_pg.into(), partition.into(), edge_ids.into(), ups.into(), downs.into(), kinds.into(), now.into()],
+        )?;
+    }
+    // A group for each node with inbound edges (all running) or an explicit policy.
+    let grouped: Vec<usize> = (0..nodes.len()).filter(|&i| indegree[i] > 0 || nodes[i].policy.is_some()).collect();
+    if !grouped.is_empty() {
+        let downs: Vec<Uuid> = grouped.iter().map(|&i| uuids[i]).collect();
+        let policies: Vec<pgrx::JsonB> = grouped
+            .iter()
+            .map(|&i| pgrx::JsonB(nodes[i].policy.unwrap_or(GroupPolicy::AllOf).to_json()))
+            .collect();
+        let running: Vec<i32> = grouped.iter().map(|&i| indegree[i]).collect();
+        exec(
+            c,
+            "INSERT INTO ff_edge_group (flow_id, downstream_eid, partition_key, policy, running_count)
+             SELECT $1, g.down, $2, g.policy, g.running FROM unnest($3::uuid[], $4::jsonb[], $5::int[]) AS g(down, policy, running)",
+            &[flow_pg.into(), partition.into(), downs.into(), policies.into(), running.into()],
+        )?;
+    }
+    let executions: serde_json::Map<String, serde_json::Value> =
+        names.iter().map(|(name, &i)| (name.clone(), serde_json::Value::String(ids[i].to_string()))).collect();
+    Ok(Some(serde_json::json!({
+        "flow_id": flow.to_string(),
+        "graph_revision": revision,
+        "executions": executions,
+        "execution_ids": ids.iter().map(ExecutionId::to_string).collect::<Vec<_>>(),
+    })))
+}
+
+/// A flow and its members as jsonb.
+pub fn flow_info(flow: &Uuid) -> FfResult<RawJsonb> {
+    with_spi(|c| {
+        let t = exec(
+            c,
+            "SELECT jsonb_build_object(
+                 'flow_id', f.flow_id, 'state', f.public_flow_state, 'namespace', f.namespace,
+                 'graph_revision', f.graph_revision, 'cancel_reason', f.cancel_reason,
+                 'created_at_ms', f.created_at_ms, 'terminal_at_ms', f.terminal_at_ms,
+                 'counts', coalesce((SELECT jsonb_object_agg(s.public_state, s.n) FROM (
+                     SELECT public_state, count(*) AS n FROM ff_exec_core WHERE flow_id = f.flow_id
+                     GROUP BY public_state) s), '{}'),
+                 'nodes', coalesce((SELECT jsonb_agg(jsonb_build_object(
+                         'name', x.node_name,
+                         'execution_id', format('{fp:%s}:%s', x.partition_key, x.execution_id),
+                         'public_state', x.public_state, 'terminal_outcome', x.terminal_outcome)
+                         ORDER BY x.queue_seq)
+                     FROM ff_exec_core x WHERE x.flow_id = f.flow_id), '[]'))
+             FROM ff_flow_core f WHERE f.flow_id = $1",
+            &[(*flow).into()],
+        )?;
+        let row = first_row(t).ok_or_else(|| flow_missing(flow))?;
+        RawJsonb::from_spi(&row, 1)?.ok_or_else(|| FfError::internal("NULL flow"))
+    })
+}
+
+/// `{upstream name (or id when unnamed): result}` for each applied inbound
+/// edge whose upstream succeeded; results exactly as stored.
+pub fn inputs(id: &ExecutionId) -> FfResult<RawJsonb> {
+    with_spi(|c| {
+        let t = exec(
+            c,
+            "SELECT (SELECT coalesce(jsonb_object_agg(
+                         coalesce(u.node_name, format('{fp:%s}:%s', u.partition_key, u.execution_id)),
+                         coalesce(u.result, 'null'::jsonb)), '{}')
+                     FROM ff_edge e JOIN ff_exec_core u ON u.execution_id = e.upstream_eid
+                     WHERE e.downstream_eid = x.execution_id AND e.edge_state = 'applied'
+                       AND u.terminal_outcome = 'success')
+             FROM ff_exec_core x WHERE x.execution_id = $1 AND x.partition_key = $2",
+            &[pg_uuid(&id.uuid).into(), id.partition.into()],
+        )?;
+        let row = first_row(t).ok_or_else(|| FfError::not_found(format!("execution {id} does not exist")))?;
+        RawJsonb::from_spi(&row, 1)?.ok_or_else(|| FfError::internal("NULL inputs"))
+    })
+}
+
+/// Builds a whole flow from a JSON spec in one atomic call; returns
+/// `{"flow_id", "graph_revision", "executions": {name: id}, "execution_ids": [...]}`.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(@extschema@, pg_temp)]
+fn ff_submit_flow(spec: Option<RawJsonb>) -> RawJsonb {
+    (|| submit_flow(required(spec, "spec")?))().or_raise()
+}
+
+/// A flow's state, counts by public state and its nodes.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(@extschema@, pg_temp)]
+fn ff_get_flow(flow_id: Option<Uuid>) -> RawJsonb {
+    (|| flow_info(&required(flow_id, "flow_id")?))().or_raise()
+}
+
+/// The results of an execution's succeeded upstreams, by upstream name.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(@extschema@, pg_temp)]
+fn ff_get_inputs(execution_id: Option<String>) -> RawJsonb {
+    (|| inputs(&parse_exec(execution_id, "execution_id")?))().or_raise()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cycles_are_found_in_linear_time_shapes() {
+        assert_eq!(find_cycle(3, &[(0, 1), (1, 2)]), None);
+        assert!(find_cycle(3, &[(0, 1), (1, 2), (2, 0)]).is_some());
+        assert!(find_cycle(1, &[(0, 0)]).is_some());
+        let chain: Vec<(usize, usize)> = (0..99_999).map(|i| (i, i + 1)).collect();
+        assert_eq!(find_cycle(100_000, &chain), None);
+        let mut looped = chain.clone();
+        looped.push((99_999, 50_000));
+        assert!(find_cycle(100_000, &looped).is_some());
+    }
+}

@@ -15,6 +15,10 @@ pub static RECONCILER_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1_00
 pub static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
 /// How long a usage dedup key is remembered.
 pub static DEDUP_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+/// Whether per-lane counters (ff_metrics) are kept.
+pub static METRICS: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// Most missed due times of one schedule that a reconciler pass catches up.
+pub static SCHEDULE_CATCHUP: GucSetting<i32> = GucSetting::<i32>::new(100);
 /// Comma-separated databases the background worker serves.
 pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 
@@ -76,6 +80,24 @@ pub fn register() {
         i32::MAX,
         GucContext::Suset,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"flowfabric.metrics",
+        c"Whether flowfabric keeps per-lane counters for ff_metrics.",
+        c"Each claim, completion and creation adds to a per-backend counter row; off skips that write.",
+        &METRICS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"flowfabric.schedule_catchup",
+        c"Most missed due times of one schedule that a reconciler pass turns into executions.",
+        c"After downtime, a schedule runs its latest this-many missed due times and counts the older ones as missed.",
+        &SCHEDULE_CATCHUP,
+        1,
+        100_000,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"flowfabric.reconciler_interval_ms",

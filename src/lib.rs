@@ -18,8 +18,11 @@ pub mod guc;
 pub mod ids;
 pub mod jsonb;
 pub mod keystore;
+pub mod lanes;
+pub mod metrics;
 pub mod quota;
 pub mod reconcile;
+pub mod schedule;
 
 #[cfg(any(test, feature = "pg_test"))]
 mod pg_tests;
@@ -30,7 +33,8 @@ extension_sql_file!("../sql/config.sql", name = "config", bootstrap);
 extension_sql_file!("../sql/budget.sql", name = "budget_schema", requires = ["config"]);
 extension_sql_file!("../sql/exec.sql", name = "exec_schema", requires = ["config"]);
 extension_sql_file!("../sql/flow.sql", name = "flow_schema", requires = ["exec_schema"]);
-extension_sql_file!("../sql/ops.sql", name = "ops_schema", requires = ["flow_schema", "budget_schema"]);
+extension_sql_file!("../sql/schedule.sql", name = "schedule_schema", requires = ["config"]);
+extension_sql_file!("../sql/ops.sql", name = "ops_schema", requires = ["flow_schema", "budget_schema", "schedule_schema"]);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]

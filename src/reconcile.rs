@@ -12,6 +12,8 @@ use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::exec::{self, Ended, Ending, Outcome, RetryPolicy, Wait};
 use crate::flow::{self, FlowLock};
 use crate::ids::check_text_id;
+use crate::metrics;
+use crate::schedule;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
@@ -466,6 +468,20 @@ fn repair_graph(c: &mut SpiClient<'_>) -> FfResult<Value> {
     }))
 }
 
+/// Due schedules: one execution per due time (see `schedule`).
+fn run_schedules(c: &mut SpiClient<'_>) -> FfResult<Value> {
+    let now = now_ms();
+    let (mut ran, mut created, mut missed, mut errors) = (0, 0, 0, 0);
+    for id in schedule::due_now(c, now, BATCH / 10)? {
+        if let Some(Some(r)) = guarded(&format!("running schedule {id}"), &mut errors, || schedule::run_one(c, &id, now)) {
+            ran += 1;
+            created += r.created;
+            missed += r.missed;
+        }
+    }
+    Ok(schedule::summary(ran, created, missed, errors))
+}
+
 /// Stale threshold the dependency reconciler uses inside a full pass:
 /// events normally dispatch inline, so anything older is a leftover.
 pub const PASS_STALE_MS: i64 = 1_000;
@@ -473,7 +489,7 @@ pub const PASS_STALE_MS: i64 = 1_000;
 /// One pass of every reconciler, with per-reconciler counts.
 pub fn run_reconcilers(c: &mut SpiClient<'_>) -> FfResult<Value> {
     let tick = reconcile_tick(c, PASS_STALE_MS, None, None)?;
-    Ok(json!({
+    let pass = json!({
         "dependency": {"scanned": tick.scanned, "reconciled": tick.reconciled, "noop": tick.noop,
                        "busy": tick.busy, "errors": tick.errors},
         "budget_reset": reset_due_budgets(c)?,
@@ -485,7 +501,10 @@ pub fn run_reconcilers(c: &mut SpiClient<'_>) -> FfResult<Value> {
         "grant_purge": purge_expired_grants(c)?,
         "retention_purge": purge_retired(c)?,
         "orphan_purge": purge_orphans(c)?,
-    }))
+        "schedules": run_schedules(c)?,
+    });
+    metrics::add_pass(c, &pass)?;
+    Ok(pass)
 }
 
 /// Dispatches completion events undispatched for longer than
@@ -525,7 +544,7 @@ fn ff_reconcile_tick(
 
 /// One pass of every reconciler (dependency, budget reset, lease expiry,
 /// delayed promotion, graph repair, dedup purge, quota window trim, expired
-/// grant purge, retention purge, orphan purge) with their counts.
+/// grant purge, retention purge, orphan purge, schedules) with their counts.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(@extschema@, pg_temp)]
 fn ff_run_reconcilers() -> JsonB {

@@ -10,7 +10,8 @@ import time
 
 import psycopg
 
-PG_BIN = "/usr/lib/postgresql/15/bin"
+# FF_PG_BIN selects another installation (e.g. a private copy used for development).
+PG_BIN = os.environ.get("FF_PG_BIN", "/usr/lib/postgresql/15/bin")
 
 
 def _as_postgres(cmd):

@@ -214,7 +214,7 @@ mod tests {
         let other = leased("{other}");
         assert_fails(&format!("SELECT * FROM ff_record_spend('b', '{other}', '{{\"tokens\": 5}}', 'k3')"), "ERRCODE_INVALID_PARAMETER_VALUE");
         let mine = leased("{b}");
-        assert_fails(&format!("SELECT * FROM ff_record_spend('missing', '{mine}', '{{\"tokens\": 5}}', 'k4')"), "ERRCODE_INVALID_PARAMETER_VALUE");
+        assert_fails(&format!("SELECT * FROM ff_record_spend('missing', '{mine}', '{{\"tokens\": 5}}', 'k4')"), "ERRCODE_NO_DATA_FOUND");
         assert_fails(&format!("SELECT * FROM ff_record_spend('b', '{mine}', '{{\"tokens\": 5}}', NULL)"), "ERRCODE_NULL_VALUE_NOT_ALLOWED");
         assert_eq!(usage("b", "tokens"), 0);
         let ledgers: i64 = one("SELECT count(*) FROM ff_budget_usage_by_exec").unwrap();
@@ -329,5 +329,36 @@ mod tests {
         );
         let cap: i64 = one("SELECT active_concurrency_cap FROM ff_quota_policy WHERE quota_policy_id = 'q'").unwrap();
         assert_eq!(cap, 2);
+    }
+
+    #[pg_test]
+    fn a_reserve_that_does_not_fit_does_not_hold_back_one_that_does() {
+        Spi::run("SELECT ff_create_budget('b', '{tokens}', '{1000}', '{0}')").unwrap();
+        Spi::run("SELECT ff_create_execution('rv', budget_ids => '{b}', budget_reserve => '{\"tokens\": 900}', priority => 10)").unwrap();
+        Spi::run("SELECT ff_create_execution('rv', budget_ids => '{b}', budget_reserve => '{\"tokens\": 900}', priority => 5)").unwrap();
+        let small: String = one("SELECT ff_create_execution('rv', budget_ids => '{b}', budget_reserve => '{\"tokens\": 50}')").unwrap();
+        assert!(one::<String>("SELECT execution_id FROM ff_claim_for_worker('rv', 'w', 'i')").is_some());
+        let next: Option<String> = one("SELECT execution_id FROM ff_claim_for_worker('rv', 'w', 'i')");
+        assert_eq!(next.as_deref(), Some(small.as_str()), "the 900 does not fit, the 50 does");
+    }
+
+    #[pg_test]
+    fn record_mode_refuses_reports_once_past_the_limit() {
+        Spi::run("SELECT ff_create_budget('b', '{tokens}', '{1000}', '{0}', on_hard_limit => 'record')").unwrap();
+        let a = leased("{b}");
+        let b = leased("{b}");
+        assert_eq!(spend(&a, r#"{"tokens": 900}"#, "a1"), "ok|||");
+        assert_eq!(spend(&b, r#"{"tokens": 300}"#, "b1"), "hard_breach|tokens|1200|1000");
+        assert_eq!(spend(&a, r#"{"tokens": 300}"#, "a2"), "hard_breach|tokens|1200|1000");
+        assert_eq!(usage("b", "tokens"), 1200, "at most one report past the limit");
+        let ledger: i64 = one("SELECT sum(delta_total)::bigint FROM ff_budget_usage_by_exec").unwrap();
+        assert_eq!(ledger, 1200);
+    }
+
+    #[pg_test]
+    fn spend_against_a_missing_budget_is_not_found() {
+        Spi::run("SELECT ff_create_budget('b', '{tokens}', '{1000}', '{0}')").unwrap();
+        let e = leased("{b}");
+        assert_fails(&format!("SELECT * FROM ff_record_spend('nope', '{e}', '{{\"tokens\": 5}}', 'k')"), "ERRCODE_NO_DATA_FOUND");
     }
 }

@@ -7,6 +7,7 @@ mod flow;
 mod json;
 mod reconcile;
 mod schema;
+mod surface;
 
 use pgrx::prelude::*;
 
