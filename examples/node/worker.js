@@ -1,28 +1,35 @@
 #!/usr/bin/env node
 // A flowfabric worker in Node.js with `pg`.
 //
-// LISTENs on its lane's channel instead of polling, claims one execution at
-// a time, renews the lease on long work, reports token usage against the
-// budget named in the payload, then completes or fails the execution.
-// Payload keys: work_ms, tokens, budget, fail. Prints one JSON summary line
-// when it exits.
+// LISTENs on its lanes' channels instead of polling and claims up to
+// --batch executions at a time with ff_claim_batch (each row carries the
+// payload). For each one it does the "work", renews the lease on long work,
+// reads upstream results with ff_get_inputs when the payload asks, then
+// records token spend and completes in one transaction; a spend refused
+// with hard_breach fails the execution for good instead. Calls are
+// schema-qualified (flowfabric.ff_...).
+// Payload keys: work_ms, tokens, budget, inputs, fail, error. Prints one
+// JSON summary line when it exits.
 'use strict';
 const { Client } = require('pg');
 
 const LEASE_MS = 10000;
 
 function parseArgs(argv) {
-  const args = { workerId: 'node-worker', idleExitS: null, capabilities: [] };
+  const args = { workerId: 'node-worker', idleExitS: null, capabilities: [], lanes: [], batch: 10 };
   for (let i = 2; i < argv.length; i += 2) {
     const [k, v] = [argv[i], argv[i + 1]];
     if (k === '--dsn') args.dsn = v;
-    else if (k === '--lane') args.lane = v;
+    else if (k === '--lane') args.lanes.push(v);
     else if (k === '--worker-id') args.workerId = v;
     else if (k === '--capability') args.capabilities.push(v);
+    else if (k === '--batch') args.batch = Number(v);
     else if (k === '--idle-exit-s') args.idleExitS = Number(v);
     else throw new Error(`unknown argument ${k}`);
   }
-  if (!args.dsn || !args.lane) throw new Error('usage: worker.js --dsn DSN --lane LANE [--worker-id ID] [--idle-exit-s S]');
+  if (!args.dsn || !args.lanes.length) {
+    throw new Error('usage: worker.js --dsn DSN --lane LANE [--lane ...] [--worker-id ID] [--batch N] [--idle-exit-s S]');
+  }
   return args;
 }
 
@@ -41,7 +48,7 @@ class Worker {
   constructor(args) {
     this.args = args;
     this.instance = `${args.workerId}-${Date.now()}`;
-    this.stats = { worker: args.workerId, lang: 'node', completed: 0, failed: 0, lost: 0, budget_refused: 0 };
+    this.stats = { worker: args.workerId, lang: 'node', completed: 0, failed: 0, lost: 0, budget_refused: 0, tokens: 0 };
     this.stopping = false;
     this.wake = null;
   }
@@ -51,9 +58,11 @@ class Worker {
     this.listener = clientFor(this.args.dsn);
     await this.db.connect();
     await this.listener.connect();
-    const { rows } = await this.db.query('SELECT ff_lane_channel($1) AS channel', [this.args.lane]);
     this.listener.on('notification', () => { if (this.wake) this.wake(); });
-    await this.listener.query(`LISTEN "${rows[0].channel.replace(/"/g, '""')}"`);
+    for (const lane of this.args.lanes) {
+      const { rows } = await this.db.query('SELECT flowfabric.ff_lane_channel($1) AS channel', [lane]);
+      await this.listener.query(`LISTEN "${rows[0].channel.replace(/"/g, '""')}"`);
+    }
   }
 
   waitForWork(ms) {
@@ -63,39 +72,54 @@ class Worker {
     });
   }
 
+  // One transaction of its own: the leases are held once it commits.
   async claim() {
     const { rows } = await this.db.query(
-      'SELECT execution_id, grant_key FROM ff_claim_for_worker($1, $2, $3, $4, grant_ttl_ms => $5)',
-      [this.args.lane, this.args.workerId, this.instance, this.args.capabilities, LEASE_MS]);
-    return rows[0] || null;
+      'SELECT execution_id, grant_key, payload, attempt FROM flowfabric.ff_claim_batch($1, $2, $3, $4, grant_ttl_ms => $5, max_count => $6)',
+      [this.args.lanes, this.args.workerId, this.instance, this.args.capabilities, LEASE_MS, this.args.batch]);
+    return rows;
   }
 
-  async handle(id, grant) {
-    const info = await this.db.query("SELECT ff_get_execution($1) -> 'payload' AS payload", [id]);
-    const payload = info.rows[0].payload || {};
+  async handle({ execution_id: id, grant_key: grant, payload, attempt }) {
+    payload = payload || {};
     const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
     try {
       const workMs = Number(payload.work_ms || 0);
       await sleep(workMs / 2);
-      if (workMs > 0) await this.db.query('SELECT ff_renew_lease($1, $2, $3)', [id, grant, LEASE_MS]);
+      if (workMs > 0) await this.db.query('SELECT flowfabric.ff_renew_lease($1, $2, $3)', [id, grant, LEASE_MS]);
       await sleep(workMs / 2);
+      let inputs = {};
+      if (payload.inputs) {
+        inputs = (await this.db.query('SELECT flowfabric.ff_get_inputs($1) AS inputs', [id])).rows[0].inputs;
+      }
       if (payload.fail) {
-        await this.db.query('SELECT ff_fail_execution($1, $2, $3, false)', [id, grant, payload.error || 'task failed']);
+        await this.db.query('SELECT flowfabric.ff_fail_execution($1, $2, $3, false)', [id, grant, payload.error || 'task failed']);
         this.stats.failed += 1;
         return;
       }
-      if (payload.budget && payload.tokens) {
-        const spend = await this.db.query(
-          'SELECT outcome FROM ff_record_spend($1, $2, $3, $4)',
-          [payload.budget, id, JSON.stringify({ tokens: Number(payload.tokens) }), `${id}/${grant.slice(-16)}`]);
-        if (spend.rows[0].outcome === 'hard_breach') {
-          await this.db.query("SELECT ff_fail_execution($1, $2, 'budget exhausted', false)", [id, grant]);
-          this.stats.budget_refused += 1;
-          return;
+      const result = { worker: this.args.workerId, lang: 'node', attempt, inputs: Object.keys(inputs).sort() };
+      await this.db.query('BEGIN');
+      try {
+        if (payload.budget && payload.tokens) {
+          const tokens = Number(payload.tokens);
+          const spend = await this.db.query(
+            'SELECT outcome FROM flowfabric.ff_record_spend($1, $2, $3, $4)',
+            [payload.budget, id, JSON.stringify({ tokens }), `${id}/attempt-${attempt}`]);
+          if (spend.rows[0].outcome === 'hard_breach') {
+            // The spend was not booked: the budget is exhausted.
+            await this.db.query("SELECT flowfabric.ff_fail_execution($1, $2, 'budget exhausted', false)", [id, grant]);
+            await this.db.query('COMMIT');
+            this.stats.budget_refused += 1;
+            return;
+          }
+          this.stats.tokens += tokens;
         }
+        await this.db.query('SELECT flowfabric.ff_complete_execution($1, $2, $3)', [id, grant, JSON.stringify(result)]);
+        await this.db.query('COMMIT');
+      } catch (e) {
+        await this.db.query('ROLLBACK');
+        throw e;
       }
-      await this.db.query('SELECT ff_complete_execution($1, $2, $3)',
-        [id, grant, JSON.stringify({ worker: this.args.workerId, lang: 'node' })]);
       this.stats.completed += 1;
     } catch (e) {
       if (e.code === '55000') { this.stats.lost += 1; return; } // lease gone: cancelled or reclaimed
@@ -106,9 +130,9 @@ class Worker {
   async run() {
     let idleSince = Date.now();
     while (!this.stopping) {
-      const row = await this.claim();
-      if (row) {
-        await this.handle(row.execution_id, row.grant_key);
+      const rows = await this.claim();
+      for (const row of rows) await this.handle(row);
+      if (rows.length) {
         idleSince = Date.now();
         continue;
       }
