@@ -17,18 +17,25 @@ actually runs (so a new statement is covered automatically), planted before
 CREATE EXTENSION, and every function of the extension is then called with
 data, and the background worker makes its passes. No planted code may run.
 
+Exact look-alikes of catalog objects ("ties", e.g. `public.=(text, text)`)
+are planted too, and the owner makes `public` come before `pg_catalog` in
+their session and in the database's default path (which the background
+worker's session starts with): there a tie wins. With `pg_catalog` searched
+first, as in the extension's pinned path, ties resolve to the catalog.
+
 Why this catches a regression: if any SECURITY DEFINER function lost its
 pinned `search_path = flowfabric, pg_temp`, it would resolve with the
-caller's path (here `public, flowfabric`), and if the worker stopped
-running `SET LOCAL search_path` first it would resolve with its default
-`"$user", public`. Either way, statements such as `(extract(epoch FROM
-clock_timestamp()) * 1000)::bigint`, `unnest($1::text[])` or `capabilities
-<@ $1` would pick the planted `*(numeric, integer)`, `unnest(text[])` or
-`<@(text[], text[])`, which record themselves in `public.pwned` (and in the
-server log) and make the attacker a superuser. The last step of the main
-test shows exactly that, in a transaction it rolls back.
+caller's path (here `public, pg_catalog, flowfabric`), and if the worker
+stopped running `SET LOCAL search_path` first it would resolve with the
+database's default (`public, pg_catalog`). Either way statements such as
+`(extract(epoch FROM clock_timestamp()) * 1000)::bigint`, `unnest($1::text[])`,
+`capabilities <@ $1` or even `lane_id = $1` would pick a planted object,
+and the worker's unqualified `ff_run_reconcilers()` the planted shadow of
+it. Planted code records itself in `public.pwned` and the server log and
+makes the attacker a superuser; the main test's last step shows exactly
+that, in a transaction it rolls back.
 
-The derived lists are printed (run with -s or -rP to see them).
+The derived lists are printed while the tests run.
 """
 import glob
 import os
@@ -265,7 +272,8 @@ LANGUAGE plpgsql AS $probe$
 DECLARE result text;
 BEGIN
     IF set_returning THEN
-        EXECUTE pg_catalog.format('SELECT pg_catalog.pg_typeof(r)::text FROM (SELECT %s AS r UNION ALL SELECT NULL) s LIMIT 1', expr)
+        EXECUTE pg_catalog.format(
+            'SELECT pg_catalog.pg_typeof(r)::text FROM (SELECT %s AS r UNION ALL SELECT NULL) s LIMIT 1', expr)
             INTO result;
     ELSE
         EXECUTE pg_catalog.format('SELECT pg_catalog.pg_typeof(CASE WHEN false THEN %s END)::text', expr) INTO result;
@@ -293,13 +301,14 @@ class Planting:
         # are either no functions or always pg_catalog-qualified by the parser.
         keywords = {r[0] for r in conn.execute("SELECT word FROM pg_get_keywords() WHERE catcode IN ('C', 'R')")}
         self.functions = sorted(r[0] for r in conn.execute(
-            "SELECT DISTINCT proname FROM pg_proc WHERE pronamespace = 'pg_catalog'::regnamespace AND proname = ANY(%s)",
+            "SELECT DISTINCT proname FROM pg_proc "
+            "WHERE pronamespace = 'pg_catalog'::regnamespace AND proname = ANY(%s)",
             (sorted(names - keywords),)))
         known_ops = {r[0] for r in conn.execute(
             "SELECT DISTINCT oprname FROM pg_operator WHERE oprnamespace = 'pg_catalog'::regnamespace")}
         self.operators = sorted(op for op in ops if op in known_ops)
         self.ddl = []
-        self.counts = {"operators": 0, "functions": 0, "aggregates": 0}
+        self.counts = {"operators": 0, "functions": 0, "aggregates": 0, "ties": 0}
         self.sample = {}
 
     def _probe(self, exprs, set_returning=False):
@@ -336,6 +345,8 @@ END $lookalike$"""
                         f"LANGUAGE plpgsql AS {self._body(schema, which, returns, set_returning)};")
 
     def plant_operators(self, schema):
+        """Every derived operator name for every pair of TYPES (and every
+        type, for names the catalog also has as prefix operators)."""
         exact = {(r[0], r[1], r[2]) for r in self.conn.execute(
             "SELECT oprname, oprleft, oprright FROM pg_operator "
             "WHERE oprnamespace = 'pg_catalog'::regnamespace AND oprname = ANY(%s)", (self.operators,))}
@@ -348,23 +359,28 @@ END $lookalike$"""
         forms = []  # (op, left or None, right)
         for op in self.operators:
             for right in self.types:
-                if op in prefix and (op, 0, self.type_oid[right]) not in exact:
+                if op in prefix:
                     forms.append((op, None, right))
-                for left in self.types:
-                    if (op, self.type_oid[left], self.type_oid[right]) not in exact:
-                        forms.append((op, left, right))
-        results = self._probe([f"{f'NULL::{l} ' if l else ''}OPERATOR(pg_catalog.{op}) NULL::{r}" for op, l, r in forms])
-        for n, ((op, left, right), result) in enumerate(zip(forms, results)):
+                forms += [(op, left, right) for left in self.types]
+        # The result type the catalog's operator would give, where one applies.
+        results = self._probe([f"{f'NULL::{left} ' if left else ''}OPERATOR(pg_catalog.{op}) NULL::{right}"
+                               for op, left, right in forms])
+        for (op, left, right), result in zip(forms, results):
+            tie = (op, self.type_oid[left] if left else 0, self.type_oid[right]) in exact
+            n = self._count("ties" if tie else "operators")
             returns = result or ("boolean" if op in boolean_only else left or right)
             which = f"operator {schema}.{op}({left or 'NONE'}, {right})"
             self._function(schema, f"lookalike_op_{n}", [t for t in (left, right) if t], returns, which)
             leftarg = f"LEFTARG = {left}, " if left else ""
             self.ddl.append(f"CREATE OPERATOR {schema}.{op} (FUNCTION = {schema}.lookalike_op_{n}, "
                             f"{leftarg}RIGHTARG = {right});")
-            self.sample.setdefault("operator", which)
-        self.counts["operators"] += len(forms)
+            self.sample.setdefault("tie" if tie else "operator", which)
 
     def plant_functions(self, schema):
+        """Every derived function name for every tuple of TYPES (up to
+        MAX_ARITY arguments) that a call with only the catalog's functions
+        accepts: by an implicit cast, a polymorphic or "any" argument, or
+        exactly (a tie)."""
         overloads = self.conn.execute(
             "SELECT proname, prokind, pronargs, pronargdefaults, provariadic <> 0, proretset, proargtypes::oid[] "
             "FROM pg_proc WHERE pronamespace = 'pg_catalog'::regnamespace AND proname = ANY(%s) "
@@ -378,34 +394,40 @@ END $lookalike$"""
             for _, _, nargs, ndefaults, variadic, _, _ in mine:
                 low = nargs - ndefaults - (1 if variadic else 0)
                 high = MAX_ARITY if variadic else nargs
-                arities.update(range(max(low, 1), min(high, MAX_ARITY) + 1))
+                arities.update(range(max(low, 0), min(high, MAX_ARITY) + 1))
             for arity in sorted(arities):
                 tuples = [()]
                 for _ in range(arity):
                     tuples = [t + (ty,) for t in tuples for ty in self.types]
-                tuples = [t for t in tuples if tuple(self.type_oid[ty] for ty in t) not in exact]
-                calls = [f"pg_catalog.{name}({', '.join(f'NULL::{ty}' for ty in t)})" for t in tuples]
+                star = "*" if is_aggregate and arity == 0 else ""  # count(*)
+                calls = [f"pg_catalog.{name}({', '.join(f'NULL::{ty}' for ty in t) or star})" for t in tuples]
                 for args, result in zip(tuples, self._probe(calls, set_returning)):
                     if result is None or result in ("record", "trigger", "unknown"):
                         continue
-                    self._plant_function(schema, name, list(args), result, is_aggregate, set_returning)
+                    tie = tuple(self.type_oid[ty] for ty in args) in exact
+                    self._plant_function(schema, name, list(args), result, is_aggregate, set_returning, tie)
 
-    def _plant_function(self, schema, name, args, returns, is_aggregate, set_returning):
-        n = sum(self.counts.values())
-        which = f"{'aggregate' if is_aggregate else 'function'} {schema}.{name}({', '.join(args)})"
+    def _count(self, kind):
+        """Counts one planted object of `kind`; returns a number unique in
+        this planting (for helper function names)."""
+        self.counts[kind] += 1
+        return sum(self.counts.values())
+
+    def _plant_function(self, schema, name, args, returns, is_aggregate, set_returning, tie):
+        kind = "aggregate" if is_aggregate else "function"
+        n = self._count("ties" if tie else kind + "s")
+        which = f"{kind} {schema}.{name}({', '.join(args)})"
+        self.sample.setdefault("tie" if tie else kind, which)
         if not is_aggregate:
             self._function(schema, name, args, returns, which, set_returning)
-            self.counts["functions"] += 1
-            self.sample.setdefault("function", which)
             return
         # Planted aggregates run their code per row (transition) and once at
         # the end (final; also over zero rows).
         self._function(schema, f"lookalike_agg_step_{n}", [returns] + args, returns, which + " step")
         self._function(schema, f"lookalike_agg_final_{n}", [returns], returns, which + " final")
-        self.ddl.append(f"CREATE AGGREGATE {schema}.\"{name}\"({', '.join(args)}) (SFUNC = {schema}.lookalike_agg_step_{n}, "
-                        f"STYPE = {returns}, FINALFUNC = {schema}.lookalike_agg_final_{n});")
-        self.counts["aggregates"] += 1
-        self.sample.setdefault("aggregate", which)
+        self.ddl.append(f"CREATE AGGREGATE {schema}.\"{name}\"({', '.join(args) or '*'}) "
+                        f"(SFUNC = {schema}.lookalike_agg_step_{n}, STYPE = {returns}, "
+                        f"FINALFUNC = {schema}.lookalike_agg_final_{n});")
 
 
 def plant_shadows(attacker_conn, catalog_conn, schema="public"):
@@ -444,9 +466,9 @@ def plant(attacker_conn, planting, schema):
 
 @pytest.fixture(scope="module")
 def lookalike_cluster():
-    """A private cluster whose background worker serves `attackdb`. The
-    database must exist before the worker starts, so the cluster is
-    restarted once it does."""
+    """A private cluster whose background worker serves `attackdb`, a
+    database owned by the attacker. The database must exist before the
+    worker starts, so the cluster is restarted once it does."""
     c = Cluster("lookalike", PORT, conf={
         "shared_preload_libraries": "'flowfabric'",
         "flowfabric.database": "'attackdb'",
@@ -459,6 +481,11 @@ def lookalike_cluster():
         with c.connect(search_path="pg_catalog") as s:
             s.execute(f"CREATE ROLE {ATTACKER} LOGIN NOSUPERUSER")
             s.execute(f"CREATE DATABASE attackdb OWNER {ATTACKER}")
+        # The owner makes every session in attackdb that does not choose its
+        # own path (the background worker's included) search public before
+        # pg_catalog, where even exact ties of catalog objects win.
+        with c.connect("attackdb", user=ATTACKER, search_path="public") as a:
+            a.execute("ALTER DATABASE attackdb SET search_path = public, pg_catalog")
         c.stop()
         c.start()
         yield c
@@ -501,12 +528,19 @@ class Session:
             cur = self.conn.execute(sql, params)
             rows = cur.fetchall() if cur.description else []
         except psycopg.Error as e:
+            self.check_nothing_ran(sql)
             if expect is not None and e.sqlstate == expect:
                 return e
             raise AssertionError(f"unexpected SQLSTATE {e.sqlstate} from {sql} {params}: {e}") from None
+        self.check_nothing_ran(sql)
         assert expect is None, f"{sql} {params} succeeded; expected SQLSTATE {expect}"
         self.called.update(re.findall(r"\bflowfabric\.(ff_\w+)\s*\(", sql))
         return rows
+
+    def check_nothing_ran(self, sql):
+        """Points at the very call that ran planted code, if one did."""
+        ran = self.conn.execute("SELECT who, what FROM public.pwned").fetchall()
+        assert not ran, f"planted code ran during {sql}: {ran}"
 
     def one(self, sql, params=()):
         rows = self.run(sql, params)
@@ -665,15 +699,16 @@ def drain(s, lane, fail=()):
 
 
 def flows(s):
-    """Flows whose cascades run through every group policy: any_of with
-    let_run, quorum with cancel_remaining, all_of made impossible by a
-    failure, and a cancelled flow."""
+    """Flows whose cascades run through every group policy: any_of that
+    cancels the remaining upstream, quorum that lets it run, all_of made
+    impossible by a failure, and a cancelled flow."""
     flow, ids = build(s, "lane-f", ["a", "b", "c", "d"], [("a", "c"), ("b", "c"), ("a", "d"), ("b", "d")],
-                      {"c": {"kind": "any_of", "on_satisfied": "let_run"},
-                       "d": {"kind": "quorum", "k": 2, "on_satisfied": "cancel_remaining"}})
-    assert s.state(ids["c"]) == "waiting_children"
-    drain(s, "lane-f")
-    assert {n: s.state(e) for n, e in ids.items()} == dict.fromkeys("abcd", "completed")
+                      {"c": {"kind": "any_of", "on_satisfied": "cancel_remaining"},
+                       "d": {"kind": "quorum", "k": 1, "on_satisfied": "let_run"}})
+    assert s.state(ids["c"]) == s.state(ids["d"]) == "waiting_children"
+    assert drain(s, "lane-f")[0] == ids["a"]
+    states = {n: s.state(e) for n, e in ids.items()}
+    assert states["b"] in ("cancelled", "completed") and [states[n] for n in "acd"] == ["completed"] * 3, states
 
     flow, ids = build(s, "lane-g", ["x", "y", "z"], [("x", "y"), ("y", "z")])
     drain(s, "lane-g", fail={ids["x"]})
@@ -790,10 +825,10 @@ def uncalled(su, functions):
 def test_planted_lookalikes_never_run_as_the_extension(lookalike_cluster, capsys):
     """Plants, in attackdb.public and as its non-superuser owner, look-alikes
     of every operator and catalog function the extension's SQL uses; then
-    installs the extension, calls every one of its functions with data and
-    reads every view as that owner, and waits for background-worker passes
-    over the results. No planted code ran, and the owner is still no
-    superuser."""
+    installs the extension, shadows its functions, calls every one of them
+    with data and reads every view as that owner, and waits for
+    background-worker passes over the results. No planted code ran, and the
+    owner is still no superuser."""
     c = lookalike_cluster
     log_start = len(c.log())
     ops, names = scan_sources()
@@ -815,9 +850,11 @@ def test_planted_lookalikes_never_run_as_the_extension(lookalike_cluster, capsys
                   f"e.g. {sorted(planting.sample.values())}")
         assert planting.counts["operators"] >= 2000, planting.counts
         assert planting.counts["functions"] >= 100 and planting.counts["aggregates"] >= 20, planting.counts
+        assert planting.counts["ties"] >= 200, planting.counts
         assert not is_superuser(catalog)
 
-    # A DBA installs the extension from a session with the default search_path.
+    # A DBA installs the extension from a session with the database's
+    # default search_path (public, pg_catalog: the owner set it).
     with c.connect("attackdb", search_path=None) as dba:
         dba.execute("CREATE EXTENSION flowfabric")
         dba.execute(f"GRANT flowfabric_admin, flowfabric_worker TO {ATTACKER}")
@@ -825,10 +862,13 @@ def test_planted_lookalikes_never_run_as_the_extension(lookalike_cluster, capsys
     with superuser(c, "attackdb") as su, c.connect("attackdb", user=ATTACKER, search_path="public") as attacker:
         functions = {r[0] for r in su.execute(EXTENSION_FUNCTIONS)}
         views = [r[0] for r in su.execute(EXTENSION_VIEWS)]
-        assert plant_shadows(attacker, su) >= len(functions)
-    assert len(functions) >= 25, functions
+        shadows = plant_shadows(attacker, su)
+        with capsys.disabled():
+            print(f"[lookalike] planted {shadows} shadows of the extension's own functions in attackdb.public")
+        assert shadows >= len(functions) >= 25, functions
 
-    with c.connect("attackdb", user=ATTACKER, search_path="public, flowfabric") as conn:
+    # The attacker's own session searches public before pg_catalog too.
+    with c.connect("attackdb", user=ATTACKER, search_path="public, pg_catalog, flowfabric") as conn:
         s = Session(conn)
         budgets_and_quotas(s)
         executions_and_claims(s)
@@ -872,20 +912,23 @@ def test_planted_lookalikes_never_run_as_the_extension(lookalike_cluster, capsys
         assert marker_lines(c, log_start) == []
         assert not is_superuser(su)
 
-    # The trap is armed: a superuser statement that resolves names through
-    # public (as every SECURITY DEFINER function would without its pinned
-    # search_path, and the worker without its SET LOCAL) runs planted code
-    # at once, and the attacker becomes a superuser. Shown with one of the
-    # extension's own expressions, in a transaction that is rolled back.
+    # The trap is armed: a superuser statement that resolves names with the
+    # database's default path (as every SECURITY DEFINER function would
+    # without its pinned search_path, and the worker without its SET LOCAL)
+    # runs planted code at once, ties included, and the attacker becomes a
+    # superuser. Shown with one of the extension's own expressions, in a
+    # transaction that is rolled back. (Only operator-free statements read
+    # the evidence: every `=` here is planted.)
     with c.connect("attackdb", search_path=None) as dba:
         with dba.transaction():
             dba.execute("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
             dba.execute("SELECT count(u) FROM unnest(%s::uuid[]) u", ([uuid.uuid4()],))
-            ran = [r[0] for r in dba.execute("SELECT what FROM public.pwned WHERE who = 'postgres'")]
-            assert "operator public.*(numeric, integer)" in ran, ran
-            assert "function public.unnest(uuid[])" in ran, ran
-            assert "aggregate public.count(uuid) final" in ran, ran
-            assert is_superuser(dba), "planted code run by a superuser made the attacker one"
+            dba.execute("SELECT 1 FROM pg_roles WHERE rolname = 'postgres'")
+            ran = {what for who, what in dba.execute("SELECT who, what FROM public.pwned") if who == "postgres"}
+            assert {"operator public.*(numeric, integer)", "function public.unnest(uuid[])",
+                    "aggregate public.count(uuid) final", "operator public.=(name, name)"} <= ran, ran
+            roles = dict(dba.execute("SELECT rolname, rolsuper FROM pg_roles").fetchall())
+            assert roles[ATTACKER], "planted code run by a superuser made the attacker one"
             raise psycopg.Rollback()
     with superuser(c, "attackdb") as su:
         assert su.execute("SELECT count(*) FROM public.pwned").fetchone()[0] == 0
@@ -927,8 +970,8 @@ def test_a_schema_named_flowfabric_made_beforehand_is_refused(lookalike_cluster)
     with c.connect("lookalike_schema", search_path=None) as dba:
         dba.execute("CREATE EXTENSION flowfabric")
     with c.connect("lookalike_schema", search_path="pg_catalog") as su:
-        owner = su.execute("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'flowfabric'").fetchone()[0]
-        assert owner == "postgres"
+        assert su.execute("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'flowfabric'") \
+            .fetchone()[0] == "postgres"
         grants = su.execute("""
             SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END, a.privilege_type
             FROM pg_namespace n, aclexplode(n.nspacl) a

@@ -22,14 +22,21 @@ Environment (defaults in brackets):
   FF_MODEL_ROUNDS           rounds of test_randomized_model [4]
   FF_MODEL_SECONDS          seconds of random operations per round [5]
   FF_MODEL_THREADS          worker threads per round [7]
-  FF_MODEL_QUIESCE_SECONDS  how long a round may take to settle [45]
+  FF_MODEL_QUIESCE_SECONDS  how long a round may take to settle [25]
   FF_MODEL_CYCLES           cycles of test_one_transaction_workers [500]
-  FF_MODEL_RACES            single-statement races in test_apply_races_cancel [150]
+  FF_MODEL_RACES            races in test_apply_races_cancel_of_downstream [150]
   FF_MODEL_PORT             port of the private cluster "model" [FF_TEST_PORT + 6]
+  FF_MODEL_LOG_STATEMENTS   1: the model's sessions log every statement, so each
+                            deadlock in the summary comes with the statements
+                            (and parameters) of the processes involved [0]
 
-Default run (about two minutes):
+The seed fixes every random choice (operations, graphs, policies, leases,
+kill times); thread interleavings still vary from run to run, so a failing
+seed is rerun a few times (or with more rounds) to reproduce.
+
+Default run (75-100 s on 2 cores):
   FF_TEST_PORT=54370 /usr/bin/python3 -m pytest -q -p no:cacheprovider tests/test_model_client.py -s
-Longer run of the model (about 20 minutes):
+Longer run of the model (about 20 minutes), a new seed each time:
   FF_MODEL_ROUNDS=60 FF_MODEL_SECONDS=15 FF_MODEL_THREADS=8 FF_MODEL_SEED=$RANDOM FF_TEST_PORT=54370 \\
     /usr/bin/python3 -m pytest -q -p no:cacheprovider tests/test_model_client.py -k randomized -s
 """
@@ -47,15 +54,16 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from cluster import Cluster
-from ffhelp import invariant_violations
+from ffhelp import INVARIANTS, invariant_violations
 
 SEED = int(os.environ.get("FF_MODEL_SEED", "1"))
 ROUNDS = int(os.environ.get("FF_MODEL_ROUNDS", "4"))
 SECONDS = float(os.environ.get("FF_MODEL_SECONDS", "5"))
 THREADS = int(os.environ.get("FF_MODEL_THREADS", "7"))
-QUIESCE_SECONDS = float(os.environ.get("FF_MODEL_QUIESCE_SECONDS", "45"))
+QUIESCE_SECONDS = float(os.environ.get("FF_MODEL_QUIESCE_SECONDS", "25"))
 CYCLES = int(os.environ.get("FF_MODEL_CYCLES", "500"))
 RACES = int(os.environ.get("FF_MODEL_RACES", "150"))
+LOG_STATEMENTS = os.environ.get("FF_MODEL_LOG_STATEMENTS", "") not in ("", "0")
 PORT = int(os.environ.get("FF_MODEL_PORT", str(int(os.environ.get("FF_TEST_PORT", "54329")) + 6)))
 
 # SQLSTATEs that are never acceptable, whatever the operation.
@@ -93,11 +101,13 @@ def mdb(mc):
     drop_db(mc, name)
 
 
-def connect(mc, db, timeout_s=20):
+def connect(mc, db, timeout_s=20, log_statements=False):
     """An autocommit connection with a statement timeout, so a hang fails
     the test (57014) instead of blocking it."""
     conn = mc.connect(db)
     conn.execute(f"SET statement_timeout = '{int(timeout_s * 1000)}ms'")
+    if log_statements:
+        conn.execute("SET log_statement = 'all'")
     return conn
 
 
@@ -135,10 +145,6 @@ def is_connection_loss(e, conn):
 
 def now_ms():
     return int(time.time() * 1000)
-
-
-def short(eid):
-    return eid.split("}:")[-1][:8] if eid else eid
 
 
 # ---------------------------------------------------------------------------
@@ -321,20 +327,32 @@ def quiet_pass_problems(conn):
     return [f"a reconciler pass over a settled database still works: {busy}"] if busy else []
 
 
-def model_check_failures(conn, skip=()):
+def model_check_failures(conn):
     out = quiet_pass_problems(conn)
     for name, sql in MODEL_CHECKS.items():
-        if name in skip:
-            continue
         rows = conn.execute(sql).fetchall()
         if rows:
             out.append(f"{name}: {len(rows)} offender(s), e.g. {[r[0] for r in rows[:4]]}")
     return out
 
 
+def invariant_problems(conn):
+    """ffhelp's violated invariants, each with up to three offending rows
+    (its count query turned into a select)."""
+    out = []
+    for name in invariant_violations(conn):
+        sql = INVARIANTS[name].replace("SELECT count(*) FROM", "SELECT * FROM", 1) + " LIMIT 3"
+        try:
+            rows = [str(tuple(r))[:300] for r in conn.execute(sql).fetchall()]
+        except psycopg.Error as e:
+            rows = [first_line(e)]
+        out.append(f"invariant: {name}; e.g. {rows}")
+    return out
+
+
 def assert_clean(conn):
     """Everything ended and every invariant and model check holds."""
-    problems = [f"invariant: {v}" for v in invariant_violations(conn)] + model_check_failures(conn)
+    problems = invariant_problems(conn) + model_check_failures(conn)
     assert problems == [], problems
 
 
@@ -614,7 +632,9 @@ def op_submit(m, conn, rng, w):
     nodes = []
     for i in range(n):
         node = {"name": f"s{i}", "lane": rng.choice(m.lanes), "priority": rng.randint(0, 9),
-                "max_attempts": rng.choice([1, 2])}
+                "max_attempts": rng.choice([1, 2]), "payload": {"r": rng.randint(0, 1 << 30)}}
+        if rng.random() < 0.3:
+            node["budget_ids"] = ["mb-a"]
         if indeg[i] >= 2 and rng.random() < 0.6:
             node["policy"] = rng.choice(POLICIES)(indeg[i], rng)
         nodes.append(node)
@@ -727,6 +747,8 @@ def op_work(m, conn, rng, w):
     for eid, grant in rows:
         act = rng.choices(["complete", "fail_retry", "fail_final", "renew", "spend", "abandon", "late"],
                           [40, 14, 8, 10, 12, 10, 6])[0]
+        if act == "late" and ttl > 300:
+            act = "complete"  # only short leases are outlived (keeps rounds short)
         m.count(f"work.{act}")
         try:
             if act == "complete":
@@ -770,7 +792,7 @@ def op_one_tx(m, conn, rng, w):
             return
         eid, grant = row
         spend_all(conn, rng, eid)
-        time.sleep(rng.uniform(0, 0.06))
+        time.sleep(rng.uniform(0.2, 0.4) if rng.random() < 0.05 else rng.uniform(0, 0.06))
         act = rng.choices(["complete", "fail_final", "fail_retry"], [75, 10, 15])[0]
         if act == "complete":
             complete(conn, eid, grant)
@@ -783,7 +805,13 @@ def op_one_tx(m, conn, rng, w):
 
 
 def op_cancel(m, conn, rng, w):
-    eid = m.pick_exec(rng)
+    """ff_cancel_execution, mostly on a live execution (any state), now and
+    then on any execution of the round."""
+    row = None
+    if rng.random() < 0.8:
+        row = conn.execute(f"SELECT {EID} FROM ff_exec_core x WHERE x.lifecycle_phase <> 'terminal' "
+                           "ORDER BY random() LIMIT 1").fetchone()
+    eid = row[0] if row else m.pick_exec(rng)
     if eid is None:
         return
     if conn.execute("SELECT ff_cancel_execution(%s, 'model')", (eid,)).fetchone()[0] == "cancelled":
@@ -820,18 +848,19 @@ def worker_thread(m, mc, db, idx, stop, pids):
     while not stop.is_set():
         try:
             if conn is None or conn.closed:
-                conn = connect(mc, db)
+                conn = connect(mc, db, log_statements=LOG_STATEMENTS)
                 pids[w] = conn.info.backend_pid
         except psycopg.Error:
             time.sleep(0.05)
             continue
         name = rng.choices(names, weights)[0]
-        if name == "build" and (len(m.flows) >= Model.MAX_FLOWS or conn.execute(
-                "SELECT count(*) FROM ff_flow_core WHERE public_flow_state = 'open'").fetchone()[0]
-                >= Model.MAX_OPEN_FLOWS):
-            name = "grow"
-        _, fn, _, expected = by_name[name]
+        expected = by_name[name][3]
         try:
+            if name == "build" and (len(m.flows) >= Model.MAX_FLOWS or conn.execute(
+                    "SELECT count(*) FROM ff_flow_core WHERE public_flow_state = 'open'").fetchone()[0]
+                    >= Model.MAX_OPEN_FLOWS):
+                name = "grow"
+            _, fn, _, expected = by_name[name]
             fn(m, conn, rng, w)
         except psycopg.Error as e:
             if is_connection_loss(e, conn):
@@ -857,7 +886,7 @@ def reconciler_thread(m, mc, db, idx, stop, pids):
     while not stop.is_set():
         try:
             if conn is None or conn.closed:
-                conn = connect(mc, db)
+                conn = connect(mc, db, log_statements=LOG_STATEMENTS)
                 pids[f"r{idx}"] = conn.info.backend_pid
             m.add_report(reconcile(conn))
             m.count("reconcile")
@@ -865,6 +894,8 @@ def reconciler_thread(m, mc, db, idx, stop, pids):
             if conn is not None and is_connection_loss(e, conn):
                 conn = None
                 continue
+            m.error("reconcile", e, set())
+        except Exception as e:  # a bug of the test itself: reported, never hidden
             m.error("reconcile", e, set())
         stop.wait(rng.uniform(0.05, 0.3))
     if conn is not None:
@@ -883,13 +914,16 @@ def killer_thread(m, mc, db, stop, pids):
             except RuntimeError:
                 continue
             candidates = [p for k, p in items if k.startswith("w") or rng.random() < 0.1]
-            rows = admin.execute("SELECT pid, state FROM pg_stat_activity WHERE pid = ANY(%s) "
-                                 "AND state IN ('active', 'idle in transaction')", (candidates,)).fetchall()
-            if not rows:
-                continue
-            pid, st = rng.choice(rows)
-            if admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]:
-                m.kills[st] += 1
+            try:
+                rows = admin.execute("SELECT pid, state FROM pg_stat_activity WHERE pid = ANY(%s) "
+                                     "AND state IN ('active', 'idle in transaction')", (candidates,)).fetchall()
+                if not rows:
+                    continue
+                pid, st = rng.choice(rows)
+                if admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]:
+                    m.kills[st] += 1
+            except psycopg.Error as e:
+                m.error("kill", e, set())
 
 
 def quiesce(m, conn):
@@ -944,22 +978,34 @@ def describe_stuck(conn):
     return out
 
 
-def deadlock_details(log_text):
-    """Each 'deadlock detected' in a server log slice, with the last statement
-    each process involved was seen running (log_lock_waits is on)."""
+def _log_ms(line):
+    m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)", line)
+    if not m:
+        return None
+    t = time.strptime(m.group(1)[:19], "%Y-%m-%d %H:%M:%S")
+    return time.mktime(t) * 1000 + float("0." + m.group(1)[20:]) * 1000
+
+
+def deadlock_details(log_text, keep=3):
+    """Each 'deadlock detected' in a server log slice, with what each process
+    involved was last seen running in the 2 s before (from lock-wait and error
+    reports; with FF_MODEL_LOG_STATEMENTS=1 from every statement, with its
+    parameters)."""
     lines = log_text.splitlines()
     out = []
     for i, line in enumerate(lines):
         if "deadlock detected" not in line:
             continue
-        detail = " ".join(ln.strip() for ln in lines[i + 1:i + 3])
-        pids = sorted(set(re.findall(r"Process (\d+) waits", detail)))
-        seen = {}
-        for ln in lines[:i + 6]:
-            m = re.search(r"\[(\d+)\] STATEMENT:\s+(.*)", ln)
-            if m and m.group(1) in pids:
-                seen[m.group(1)] = m.group(2)[:100]
-        out.append(f"{detail[:300]} statements: {seen}")
+        at = _log_ms(line) or 0
+        detail = " ".join(ln.strip() for ln in lines[i + 1:i + 3]).split("DETAIL:", 1)[-1]
+        pids = set(re.findall(r"Process (\d+) waits", detail))
+        seen = collections.defaultdict(list)
+        for ln in lines[max(0, i - 5000):i + 6]:
+            m = re.search(r"\[(\d+)\] (?:STATEMENT:|LOG:  execute [^:]*:|LOG:  statement:|DETAIL:  parameters:)\s*(.*)", ln)
+            if m and m.group(1) in pids and at - (_log_ms(ln) or at) < 2000:
+                seen[m.group(1)].append(m.group(2)[:160])
+        out.append(f"{detail.strip()[:240]} last statements: " +
+                   "; ".join(f"{pid}: {' / '.join(v[-keep:])}" for pid, v in sorted(seen.items())))
     return out
 
 
@@ -1005,7 +1051,7 @@ def run_round(mc, rnd):
         outcomes = dict(c.execute("SELECT public_state, count(*) FROM ff_exec_core GROUP BY 1").fetchall())
         flow_states = dict(c.execute("SELECT public_flow_state, count(*) FROM ff_flow_core GROUP BY 1").fetchall())
         problems += describe_stuck(c)
-        problems += [f"invariant: {v}" for v in invariant_violations(c)]
+        problems += invariant_problems(c)
         problems += model_check_failures(c)
         # What workers saw commit must be how executions ended.
         final = dict(c.execute(f"SELECT {EID}, x.terminal_outcome FROM ff_exec_core x").fetchall())
@@ -1033,7 +1079,7 @@ def run_round(mc, rnd):
     log = mc.log()[log_before:]
     deadlocks = deadlock_details(log)
     if deadlocks:
-        problems.append(f"server log: {len(deadlocks)} deadlock(s), e.g. {deadlocks[:2]}")
+        problems.append(f"server log: {len(deadlocks)} deadlock(s):" + "".join(f"\n      {d}" for d in deadlocks[:4]))
     for bad in ("PANIC", "server process", "TRAP:"):
         if bad in log:
             problems.append(f"server log contains {bad!r}")
@@ -1152,10 +1198,14 @@ def test_stage_and_apply_while_downstream_claimed_in_open_transaction(mc, mdb, o
             errors["complete_commit"] = commit_or_error(w) if errors["complete"] is None else None
             errors["build"] = bg.join().error
             assert_no_deadlock(**errors)
-            # D was claimed first: the edge cannot join a started execution.
-            assert errors["complete"] is None and errors["complete_commit"] is None, errors
-            assert errors["build"] is None or errors["build"].sqlstate == "55000", first_line(errors["build"])
-            assert state_of(a, d) == "completed", blocked
+            # One side wins and the other is refused as documented (55000):
+            # D completes (the edge cannot join a started execution), or the
+            # edge is applied and the worker's complete is refused.
+            worker_err = errors["complete"] or errors["complete_commit"]
+            losers = [e for e in (worker_err, errors["build"]) if e is not None]
+            assert len(losers) == 1 and losers[0].sqlstate == "55000", \
+                ({k: first_line(e) for k, e in errors.items() if e}, blocked)
+            assert state_of(a, d) == ("completed" if worker_err is None else "waiting_children")
         else:
             b.execute("BEGIN")
             _, errors["build"] = attempt(b, build)
@@ -1188,6 +1238,8 @@ def test_stage_and_apply_while_downstream_cancelled(mc, mdb, order):
             _, errors["apply"] = attempt(b, lambda c: apply_edge(c, flow, edge, d))
             errors["build_commit"] = commit_or_error(b) if errors["apply"] is None else None
             errors["cancel"] = bg.join().error
+            assert_no_deadlock(**errors)
+            assert errors["apply"] is None or errors["apply"].sqlstate == "55000", first_line(errors["apply"])
         else:
             c2.execute("BEGIN")
             _, errors["cancel"] = attempt(c2, lambda c: c.execute("SELECT ff_cancel_execution(%s)", (d,)))
@@ -1383,6 +1435,48 @@ def test_reserving_claim_races_one_transaction_worker(mc, mdb, order):
         assert_clean(a)
 
 
+@pytest.mark.parametrize("order", ["reserver_first", "spender_first"])
+def test_reservation_races_spend_on_a_budget_with_two_dimensions(mc, mdb, order):
+    """Budget b has dimensions calls (no limit) and tokens (hard limit). X
+    reserves tokens, Y does not; two one-transaction workers claim, spend
+    {calls, tokens} on b and complete."""
+    with connect(mc, mdb) as a, connect(mc, mdb) as w1, connect(mc, mdb) as w2:
+        a.execute("SELECT ff_create_budget('b', '{calls,tokens}', '{0,1000}', '{0,0}')")
+        x = create_exec(a, "lx", budget_ids=["b"], budget_reserve=Jsonb({"tokens": 10}))
+        y = create_exec(a, "ly", budget_ids=["b"])
+        first, second = ((w1, "lx", x), (w2, "ly", y)) if order == "reserver_first" else ((w2, "ly", y), (w1, "lx", x))
+
+        def rest(conn, eid, grant):
+            assert spend(conn, "b", eid, {"calls": 1, "tokens": 1}) == "ok"
+            complete(conn, eid, grant)
+
+        first[0].execute("BEGIN")
+        row = claim(first[0], first[1])
+        assert row[0] == first[2]
+        if order == "spender_first":
+            assert spend(first[0], "b", row[0], {"calls": 1, "tokens": 1}) == "ok"
+
+        def second_worker():
+            with tx(second[0]):
+                got = claim(second[0], second[1])
+                rest(second[0], *got)
+                return got
+        bg = Bg(second_worker)
+        wait_blocked(a, second[0], bg)
+        if order == "spender_first":
+            _, e1 = attempt(first[0], lambda c: complete(c, *row))
+        else:
+            _, e1 = attempt(first[0], lambda c: rest(c, *row))
+        e1c = commit_or_error(first[0]) if e1 is None else None
+        e2 = bg.join().error
+        assert_no_deadlock(first=e1, first_commit=e1c, second=e2)
+        assert (e1, e1c, e2) == (None, None, None), [first_line(e) for e in (e1, e1c, e2) if e]
+        assert [state_of(a, e) for e in (x, y)] == ["completed", "completed"]
+        assert dict(a.execute("SELECT dimensions_key, current_value FROM ff_budget_usage WHERE budget_id = 'b'")
+                    .fetchall()) == {"calls": 2, "tokens": 2}
+        assert_clean(a)
+
+
 # ===========================================================================
 # 2c. ff_cancel_flow racing a worker that holds a member's claim
 # ===========================================================================
@@ -1450,6 +1544,61 @@ def test_cancel_flow_races_worker(mc, mdb, order):
             assert set(st) == {"cancelled"}, st
         assert flow_state(a, flow) == "cancelled"
         assert_clean(a)
+
+
+def test_cancel_flow_amid_committing_claims_releases_what_they_hold(mc, mdb):
+    """ff_cancel_flow on wide flows (500 members) while three workers keep
+    claiming their members (autocommit ff_claim_batch): a member whose claim
+    commits while the cancel runs must be ended like every other leased
+    member, with its attempt closed, its quota slot freed and its budget
+    reservation released."""
+    leak_sql = f"""
+        SELECT {EID} FROM ff_exec_core x WHERE x.flow_id = %s AND x.lifecycle_phase = 'terminal'
+          AND (EXISTS (SELECT FROM ff_attempt t WHERE t.execution_id = x.execution_id AND t.terminal_at_ms IS NULL)
+               OR EXISTS (SELECT FROM ff_quota_admitted q WHERE q.execution_id = x.execution_id)
+               OR EXISTS (SELECT FROM ff_budget_usage_by_exec l WHERE l.execution_id = x.execution_id
+                          AND l.reserved > 0))"""
+    with connect(mc, mdb) as a:
+        a.execute("SELECT ff_create_quota_policy('q', 60, 0, 100000)")
+        a.execute("SELECT ff_create_budget('b', '{tokens}', '{100000000}', '{0}')")
+        claimers = [connect(mc, mdb) for _ in range(3)]
+        stop = threading.Event()
+
+        def claimer(c):
+            while not stop.is_set():
+                claim_batch(c, ["wide"], f"w{c.info.backend_pid}", max_count=2)
+        leaks = []
+        workers = []
+        try:
+            for it in range(8):
+                flow = uuid.uuid4()
+                with tx(a):
+                    a.execute("SELECT ff_create_flow(%s)", (flow,))
+                    a.execute("SELECT ff_add_execution_to_flow(%s, ff_create_execution('wide', flow_id => %s, "
+                              "quota_policy_id => 'q', budget_ids => '{b}', budget_reserve => '{\"tokens\": 1}')) "
+                              "FROM generate_series(1, 500)", (flow, flow))
+                if not workers:
+                    workers = [Bg(lambda c=c: claimer(c)) for c in claimers]
+                time.sleep(0.02)
+                cancelled = a.execute("SELECT ff_cancel_flow(%s, 'stop')", (flow,)).fetchone()[0]
+                leaks = [r[0] for r in a.execute(leak_sql, (flow,)).fetchall()]
+                if leaks:
+                    print(f"\nflow {it + 1}: ff_cancel_flow ended {cancelled}; {len(leaks)} of them still hold an "
+                          f"open attempt / quota slot / reservation, e.g. {leaks[:2]}")
+                    break
+        finally:
+            stop.set()
+            for w in workers:
+                w.join()
+            for c in claimers:
+                c.close()
+        for w in workers:
+            assert w.error is None, first_line(w.error)
+        assert leaks == [], f"{len(leaks)} ended members keep their attempt / quota slot / reservation"
+        settle(a, ["wide"])
+        assert_clean(a)
+        reserved = a.execute("SELECT ff_get_budget_status('b') -> 'reserved' ->> 'tokens'").fetchone()[0]
+        assert reserved in (None, "0"), reserved
 
 
 # ===========================================================================
