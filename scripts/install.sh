@@ -33,6 +33,16 @@ install_atomically() {
   $SUDO mv -f "$tmp" "$dir/$name"
 }
 
+# Upgrade scripts: each is its hand-written part (sql/upgrade/FROM--TO.sql)
+# followed by the code of this build's install script.
+extdir_pkg="$out$("$PG_CONFIG" --sharedir)/extension"
+version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)"
+for head in sql/upgrade/*--"$version".sql; do
+  [ -e "$head" ] || continue
+  python3 scripts/upgrade-sql.py "$extdir_pkg/flowfabric--$version.sql" "$head" \
+    > "$extdir_pkg/flowfabric--$(basename "$head")"
+done
+
 pkglibdir="$("$PG_CONFIG" --pkglibdir)"
 extdir="$("$PG_CONFIG" --sharedir)/extension"
 for f in "$out$pkglibdir"/*; do install_atomically "$f" "$pkglibdir"; done

@@ -1,8 +1,12 @@
--- flowfabric schema, last part: runs after every table and function exists.
+-- flowfabric code: re-created by every upgrade script (scripts/upgrade-sql.py).
+-- flowfabric schema, last part: runs after every table and function exists;
+-- every statement here may run again (an upgrade re-runs it).
 
 -- One random active signing key, so claims work right after CREATE EXTENSION.
-SELECT ff_rotate_hmac_secret('ff-' || (extract(epoch FROM clock_timestamp()) * 1000)::bigint);
-UPDATE ff_waitpoint_hmac SET seeded = true;
+-- It is marked as seeded (a restore replaces it); an upgrade keeps the keys it finds.
+SELECT ff_rotate_hmac_secret('ff-' || (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
+WHERE NOT EXISTS (SELECT FROM ff_waitpoint_hmac);
+UPDATE ff_waitpoint_hmac SET seeded = true WHERE xmin = xid(pg_current_xact_id()) AND active;
 
 -- Engine state is data to pg_dump, not part of the extension's definition.
 -- One call per statement: each rewrites the extension's catalog row.

@@ -14,9 +14,46 @@ thread_local! {
         RefCell::new(HashMap::new());
 }
 
+thread_local! {
+    /// Whether this backend found the installed schema at this library's version.
+    static SCHEMA_MATCHES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Runs `f` with an SPI connection; SPI failures become `FfError`s.
 pub fn with_spi<T>(f: impl FnOnce(&mut SpiClient<'_>) -> FfResult<T>) -> FfResult<T> {
-    Spi::connect_mut(|client| f(client))
+    Spi::connect_mut(|client| {
+        check_schema_version(client)?;
+        f(client)
+    })
+}
+
+/// The library only runs against the schema of its own version. Between
+/// installing a new package and `ALTER EXTENSION flowfabric UPDATE`, a
+/// statement could otherwise name a table the old schema lacks, and the
+/// pinned search_path would then find a caller's temporary table of that
+/// name. Extension scripts (install and upgrade) may call in meanwhile.
+fn check_schema_version(client: &mut SpiClient<'_>) -> FfResult<()> {
+    if SCHEMA_MATCHES.with(|m| m.get()) || unsafe { pgrx::pg_sys::creating_extension } {
+        return Ok(());
+    }
+    let installed: Option<String> = client
+        .select(
+            "SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'flowfabric'",
+            None,
+            &[],
+        )?
+        .first()
+        .get(1)?;
+    let library = env!("CARGO_PKG_VERSION");
+    if installed.as_deref() == Some(library) {
+        SCHEMA_MATCHES.with(|m| m.set(true));
+        return Ok(());
+    }
+    Err(FfError::wrong_state(format!(
+        "the flowfabric library is version {library} but this database has version {} installed",
+        installed.as_deref().unwrap_or("none")
+    ))
+    .with_detail("run ALTER EXTENSION flowfabric UPDATE (as a superuser) to bring the database to the library's version"))
 }
 
 /// Executes `sql` with `args` through a cached prepared plan. The argument

@@ -22,6 +22,7 @@ pub mod lanes;
 pub mod metrics;
 pub mod quota;
 pub mod reconcile;
+pub mod retired;
 pub mod schedule;
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -35,6 +36,8 @@ extension_sql_file!("../sql/exec.sql", name = "exec_schema", requires = ["config
 extension_sql_file!("../sql/flow.sql", name = "flow_schema", requires = ["exec_schema"]);
 extension_sql_file!("../sql/schedule.sql", name = "schedule_schema", requires = ["config"]);
 extension_sql_file!("../sql/ops.sql", name = "ops_schema", requires = ["flow_schema", "budget_schema", "schedule_schema"]);
+extension_sql_file!("../sql/triggers.sql", name = "triggers", requires = ["ops_schema"]);
+extension_sql_file!("../sql/views.sql", name = "views", requires = ["ops_schema"]);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]

@@ -22,11 +22,12 @@ def _as_postgres(cmd):
 
 
 class Cluster:
-    def __init__(self, name, port, conf=None):
+    def __init__(self, name, port, conf=None, pg_bin=None):
         self.dir = f"/tmp/flowfabric-{name}-{port}"
         self.data = os.path.join(self.dir, "data")
         self.port = port
         self.conf = conf or {}
+        self.pg_bin = pg_bin or PG_BIN
 
     @property
     def host(self):
@@ -47,7 +48,7 @@ class Cluster:
         os.makedirs(self.dir)
         if os.geteuid() == 0:
             shutil.chown(self.dir, "postgres", "postgres")
-        subprocess.run(_as_postgres([f"{PG_BIN}/initdb", "-D", self.data, "-A", "trust", "-U", "postgres",
+        subprocess.run(_as_postgres([f"{self.pg_bin}/initdb", "-D", self.data, "-A", "trust", "-U", "postgres",
                                      "--no-sync"]), check=True, stdout=subprocess.DEVNULL)
         settings = {
             "port": self.port,
@@ -67,14 +68,14 @@ class Cluster:
         # A production server has no RUST_BACKTRACE; with it, pgrx appends a
         # Rust backtrace to error details.
         env = {k: v for k, v in os.environ.items() if not k.startswith("RUST_")}
-        subprocess.run(_as_postgres([f"{PG_BIN}/pg_ctl", "-D", self.data, "-l", os.path.join(self.dir, "server.log"),
+        subprocess.run(_as_postgres([f"{self.pg_bin}/pg_ctl", "-D", self.data, "-l", os.path.join(self.dir, "server.log"),
                                      "-w", "-t", "60", "start"]), check=True, stdout=subprocess.DEVNULL, env=env)
         return self
 
     def stop(self, mode="fast", quiet=False):
         if not os.path.exists(os.path.join(self.data, "postmaster.pid")):
             return
-        subprocess.run(_as_postgres([f"{PG_BIN}/pg_ctl", "-D", self.data, "-m", mode, "-w", "stop"]),
+        subprocess.run(_as_postgres([f"{self.pg_bin}/pg_ctl", "-D", self.data, "-m", mode, "-w", "stop"]),
                        check=not quiet, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def log(self):
