@@ -4,9 +4,11 @@
 //! operations, then the SQL-facing wrappers.
 //!
 //! Locks, in order (see exec.rs for the whole order): the execution row of a
-//! spend, a dedup key's row, usage rows in ascending (budget id, dimension),
-//! then the policy row (only to count a breach, and for resets). A claim
-//! with a reservation locks the same usage rows, so reservations are exact;
+//! spend, a dedup key's row, then a budget's usage rows, all of them at once
+//! in ascending dimension (so a transaction that touched a budget never asks
+//! for another of its rows later), then the policy row (only to count a
+//! breach, and for resets). Budgets in ascending id. A claim with a
+//! reservation locks the same usage rows, so reservations are exact;
 //! reserved amounts are sums over ledger rows, which only the holder of
 //! their execution writes, so ending a lease never waits on a budget.
 
@@ -52,8 +54,7 @@ pub struct Mode {
     /// `advisory`: nothing is refused, breaches are still counted and announced.
     pub strict: bool,
     /// `reject` (old name `fail`): the report that would cross applies
-    /// nothing; `record`: it applies in full and answers `hard_breach`, and
-    /// reports after usage is past the limit are refused.
+    /// nothing; `record`: it applies in full and answers `hard_breach`.
     pub reject: bool,
     /// `notify`: soft breaches are announced too (`warn`: outcome only).
     pub notify_soft: bool,
@@ -201,11 +202,10 @@ pub struct Verdict {
 
 /// Decides a report against current usage. The first dimension by name
 /// whose new value passes its hard limit is a hard breach: refused whole
-/// (reporting the usage before) under `reject`, and under `record` when a
-/// dimension it adds to is already past its limit; otherwise applied
-/// (reporting the new usage). `advisory` budgets never refuse. Without a
-/// hard breach everything applies and the first dimension over its soft
-/// limit is reported.
+/// (reporting the usage before) under `reject`, applied (reporting the new
+/// usage) under `record` and on `advisory` budgets. Without a hard breach
+/// everything applies and the first dimension over its soft limit is
+/// reported.
 pub fn evaluate(policy: &Policy, mode: Mode, current: &BTreeMap<String, i64>, deltas: &BTreeMap<String, i64>) -> FfResult<Verdict> {
     let mut new_values = BTreeMap::new();
     for (dim, delta) in deltas {
@@ -220,13 +220,11 @@ pub fn evaluate(policy: &Policy, mode: Mode, current: &BTreeMap<String, i64>, de
         Some((dim, *cur, *new, limit))
     });
     if let Some((dim, cur, new, limit)) = hard {
-        // `record` books the report that crosses (spend that happened), but
-        // once a dimension is past its limit nothing more is added to it, so
-        // usage ends at most one report past the limit.
-        let already_past = new_values
-            .iter()
-            .any(|(d, (cur, new))| new > cur && policy.hard_limit(d).is_some_and(|l| *cur > l));
-        let refuse = mode.refuses_reports() || (mode.strict && already_past);
+        // Under `record` every report is booked (it is spend that happened),
+        // so `hard_breach` always means booked there and refused under
+        // `reject`; admission stops at the limit, so only executions already
+        // running can add more, one report each before they stop.
+        let refuse = mode.refuses_reports();
         let usage = if refuse { cur } else { new };
         let outcome = Outcome::HardBreach { dimension: dim.clone(), current_usage: usage, hard_limit: limit };
         return Ok(Verdict { outcome, apply: !refuse });
@@ -515,8 +513,8 @@ fn bind_spend(c: &mut SpiClient<'_>, id: &ExecutionId, budget_id: &str) -> FfRes
     Ok(())
 }
 
-/// The common report in one statement: one dimension whose new value stays
-/// within both limits. Books the ledger and the dedup outcome alongside.
+/// The common report in one statement: a budget with one dimension whose
+/// new value stays within both limits. Books the ledger and the dedup outcome alongside.
 /// False sends the caller down the general path (a breach, a dimension
 /// without a usage row yet, an unknown budget).
 fn apply_within_limits(
@@ -536,6 +534,8 @@ fn apply_within_limits(
                AND current_value <= 9223372036854775807 - $3
                AND (hard_limit = 0 OR current_value + $3 <= hard_limit)
                AND (soft_limit = 0 OR current_value + $3 <= soft_limit)
+               -- Only for a budget with this one row: locking it is locking all its rows.
+               AND NOT EXISTS (SELECT 1 FROM ff_budget_usage o WHERE o.budget_id = $1 AND o.dimensions_key <> $2)
              RETURNING partition_key),
          l AS (
              INSERT INTO ff_budget_usage_by_exec AS l (budget_id, execution_id, dimensions_key, partition_key,
@@ -658,8 +658,8 @@ fn claim_dedup_key(c: &mut SpiClient<'_>, budget_id: &str, key: &str, now: i64) 
     }
 }
 
-/// Makes sure a usage row exists per reported dimension, locks them in name
-/// order and returns their values.
+/// Makes sure a usage row exists per reported dimension, locks all the
+/// budget's rows in name order and returns the reported ones' values.
 fn lock_usage(c: &mut SpiClient<'_>, budget_id: &str, deltas: &BTreeMap<String, i64>, now: i64) -> FfResult<BTreeMap<String, i64>> {
     let dims: Vec<String> = deltas.keys().cloned().collect();
     exec(
@@ -670,16 +670,19 @@ fn lock_usage(c: &mut SpiClient<'_>, budget_id: &str, deltas: &BTreeMap<String, 
          ON CONFLICT (budget_id, dimensions_key) DO NOTHING",
         &[budget_id.into(), dims.clone().into(), now.into()],
     )?;
+    // All of the budget's rows, in order: see the module's lock order.
     let t = exec(
         c,
-        "SELECT dimensions_key, current_value FROM ff_budget_usage
-         WHERE budget_id = $1 AND dimensions_key = ANY($2)
+        "SELECT dimensions_key, current_value FROM ff_budget_usage WHERE budget_id = $1
          ORDER BY dimensions_key FOR UPDATE",
-        &[budget_id.into(), dims.into()],
+        &[budget_id.into()],
     )?;
     let mut usage = BTreeMap::new();
     for row in t {
-        usage.insert(row.get::<String>(1)?.unwrap_or_default(), row.get::<i64>(2)?.unwrap_or(0));
+        let dim = row.get::<String>(1)?.unwrap_or_default();
+        if deltas.contains_key(&dim) {
+            usage.insert(dim, row.get::<i64>(2)?.unwrap_or(0));
+        }
     }
     Ok(usage)
 }
@@ -805,11 +808,8 @@ pub fn release_budget(budget_id: &str, exec_id: &ExecutionId) -> FfResult<()> {
         exec(c, "SELECT 1 FROM ff_exec_core WHERE execution_id = $1 FOR NO KEY UPDATE", &[uuid.into()])?;
         exec(
             c,
-            "SELECT 1 FROM ff_budget_usage u
-             WHERE u.budget_id = $1 AND u.dimensions_key IN (
-                 SELECT dimensions_key FROM ff_budget_usage_by_exec WHERE budget_id = $1 AND execution_id = $2)
-             ORDER BY u.dimensions_key FOR UPDATE",
-            &[budget_id.into(), uuid.into()],
+            "SELECT 1 FROM ff_budget_usage WHERE budget_id = $1 ORDER BY dimensions_key FOR UPDATE",
+            &[budget_id.into()],
         )?;
         exec(
             c,
@@ -931,17 +931,18 @@ pub fn admit(
     Ok(Ok(()))
 }
 
-// The usage rows a reservation is checked against, locked in lock order.
+// The rows of the strict budgets a reservation is checked against: all of
+// each budget's rows, in lock order.
 const LOCK_HARD_LIMITED: &str = "SELECT count(*) FROM (
     SELECT 1 FROM ff_budget_usage u JOIN ff_budget_policy p ON p.budget_id = u.budget_id
-    WHERE u.budget_id = ANY($1) AND p.enforcement_mode = 'strict' AND u.hard_limit > 0
+    WHERE u.budget_id = ANY($1) AND p.enforcement_mode = 'strict'
     ORDER BY u.budget_id, u.dimensions_key FOR UPDATE OF u) l";
 const LOCK_HARD_LIMITED_SKIP: &str = "SELECT count(*) FROM (
     SELECT 1 FROM ff_budget_usage u JOIN ff_budget_policy p ON p.budget_id = u.budget_id
-    WHERE u.budget_id = ANY($1) AND p.enforcement_mode = 'strict' AND u.hard_limit > 0
+    WHERE u.budget_id = ANY($1) AND p.enforcement_mode = 'strict'
     ORDER BY u.budget_id, u.dimensions_key FOR UPDATE OF u SKIP LOCKED) l";
 const COUNT_HARD_LIMITED: &str = "SELECT count(*) FROM ff_budget_usage u JOIN ff_budget_policy p ON p.budget_id = u.budget_id
-    WHERE u.budget_id = ANY($1) AND p.enforcement_mode = 'strict' AND u.hard_limit > 0";
+    WHERE u.budget_id = ANY($1) AND p.enforcement_mode = 'strict'";
 
 // ---------------------------------------------------------------------------
 // SQL API
@@ -955,10 +956,10 @@ fn outcome_table(o: FfResult<Outcome>) -> TableIterator<'static, OutcomeRow> {
 
 /// Creates a budget with per-dimension hard and soft limits (0 = no limit).
 /// Idempotent: returns 'created' or 'already_satisfied'.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_create_budget")]
 #[search_path(@extschema@, pg_temp)]
 #[allow(clippy::too_many_arguments)]
-fn ff_create_budget(
+fn sql_create_budget(
     budget_id: Option<String>,
     dimensions: Option<Vec<Option<String>>>,
     hard_limits: Option<Vec<Option<i64>>>,
@@ -990,9 +991,9 @@ fn ff_create_budget(
 
 /// Reports usage `{"dim": n}` against a budget; see the README for the
 /// outcome rules. A repeated `dedup_key` replays the first outcome.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_report_usage")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_report_usage(budget_id: Option<String>, dimensions: Option<RawJsonb>, dedup_key: default!(Option<String>, "NULL")) -> TableIterator<
+fn sql_report_usage(budget_id: Option<String>, dimensions: Option<RawJsonb>, dedup_key: default!(Option<String>, "NULL")) -> TableIterator<
     'static,
     (
         name!(outcome, String),
@@ -1009,9 +1010,9 @@ fn ff_report_usage(budget_id: Option<String>, dimensions: Option<RawJsonb>, dedu
 }
 
 /// `ff_report_usage` with parallel arrays instead of a JSON object.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_report_usage_admin")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_report_usage_admin(
+fn sql_report_usage_admin(
     budget_id: Option<String>,
     dimensions: Option<Vec<Option<String>>>,
     deltas: Option<Vec<Option<i64>>>,
@@ -1035,9 +1036,9 @@ fn ff_report_usage_admin(
 /// Like `ff_report_usage` for an execution the caller holds (active, and
 /// naming the budget): also books the deltas to its ledger, reducing its
 /// reservation. A repeated idempotency key returns 'already_applied'.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_record_spend")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_record_spend(
+fn sql_record_spend(
     budget_id: Option<String>,
     execution_id: Option<String>,
     deltas: Option<RawJsonb>,
@@ -1062,9 +1063,9 @@ fn ff_record_spend(
 
 /// Subtracts an execution's recorded spend from the budget (clamped at 0)
 /// and deletes its ledger. Idempotent.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_release_budget")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_release_budget(budget_id: Option<String>, execution_id: Option<String>) {
+fn sql_release_budget(budget_id: Option<String>, execution_id: Option<String>) {
     (|| {
         let budget_id = required(budget_id, "budget_id")?;
         let exec_id = ExecutionId::parse(&required(execution_id, "execution_id")?)?;
@@ -1075,17 +1076,17 @@ fn ff_release_budget(budget_id: Option<String>, execution_id: Option<String>) {
 
 /// Zeroes all usage of a budget and reschedules its next reset; returns
 /// next_reset_at_ms (0 when none). Unknown budget: P0002.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_reset_budget")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_reset_budget(budget_id: Option<String>) -> i64 {
+fn sql_reset_budget(budget_id: Option<String>) -> i64 {
     (|| reset_budget(&required(budget_id, "budget_id")?))().or_raise()
 }
 
 /// Limits, usage, reservations and breach counters of a budget as jsonb.
 /// Unknown budget: P0002.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_get_budget_status")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_get_budget_status(budget_id: Option<String>) -> RawJsonb {
+fn sql_get_budget_status(budget_id: Option<String>) -> RawJsonb {
     (|| budget_status(&required(budget_id, "budget_id")?))().or_raise()
 }
 
@@ -1118,15 +1119,11 @@ mod tests {
     }
 
     #[test]
-    fn record_refuses_once_usage_is_past_the_limit() {
+    fn record_books_reports_past_the_limit_too() {
         let p = policy(&[("tokens", 100)], &[]);
         let v = evaluate(&p, RECORD, &map(&[("tokens", 110)]), &map(&[("tokens", 5)])).unwrap();
-        assert_eq!(v.outcome, Outcome::HardBreach { dimension: "tokens".into(), current_usage: 110, hard_limit: 100 });
-        assert!(!v.apply);
-        let at_limit = evaluate(&p, RECORD, &map(&[("tokens", 100)]), &map(&[("tokens", 5)])).unwrap();
-        assert!(at_limit.apply, "from the limit itself a report still crosses");
-        let advisory = evaluate(&p, ADVISORY, &map(&[("tokens", 110)]), &map(&[("tokens", 5)])).unwrap();
-        assert!(advisory.apply);
+        assert_eq!(v.outcome, Outcome::HardBreach { dimension: "tokens".into(), current_usage: 115, hard_limit: 100 });
+        assert!(v.apply);
     }
 
     #[test]

@@ -199,14 +199,15 @@ fn rank_sets(c: &mut SpiClient<'_>, lane: &str, sets: &[i32], refused: &Refusals
 /// locks runs in a subtransaction that is rolled back on refusal, so a
 /// refused candidate leaves no lock behind and the next one starts clean.
 fn admit(c: &mut SpiClient<'_>, cand: &Candidate, wait: LockWait, refused: &mut Refusals, now: i64) -> FfResult<bool> {
+    // Lock order: the quota row, then budget rows.
     let check = |c: &mut SpiClient<'_>| -> FfResult<Result<(), Refused>> {
-        if let Err(why) = budget::admit(c, &cand.budget_ids, &cand.reserve, &cand.uuid, wait, now)? {
-            return Ok(Err(Refused::Budget(why)));
-        }
         if let Some(q) = &cand.quota_policy_id {
             if !quota::admit(c, q, &cand.uuid, wait, now)? {
                 return Ok(Err(Refused::Quota(q.clone())));
             }
+        }
+        if let Err(why) = budget::admit(c, &cand.budget_ids, &cand.reserve, &cand.uuid, wait, now)? {
+            return Ok(Err(Refused::Budget(why)));
         }
         Ok(Ok(()))
     };
@@ -495,9 +496,9 @@ pub fn fail(id: &ExecutionId, grant_key: &str, error: &str, retryable: bool) -> 
 /// Claims the best eligible execution of a lane for a worker: zero or one
 /// row with the signed grant the worker must present to renew, complete or
 /// fail it.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_claim_for_worker")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_claim_for_worker(
+fn sql_claim_for_worker(
     lane_id: Option<String>,
     worker_id: Option<String>,
     worker_instance_id: Option<String>,
@@ -524,9 +525,9 @@ fn ff_claim_for_worker(
 /// given, each under its own grant and with the same admission as
 /// `ff_claim_for_worker`; returns payload and attempt so a worker needs no
 /// second round trip.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_claim_batch")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_claim_batch(
+fn sql_claim_batch(
     lane_ids: Option<Vec<Option<String>>>,
     worker_id: Option<String>,
     worker_instance_id: Option<String>,
@@ -564,9 +565,9 @@ fn ff_claim_batch(
 /// Checks a grant key: 'ok' (the grant in force), 'malformed', 'expired'
 /// (issued, but no longer in force), 'unknown_kid', 'unknown_grant' or
 /// 'signature_mismatch', exactly as fencing decides.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_verify_grant")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_verify_grant(grant_key: Option<String>) -> &'static str {
+fn sql_verify_grant(grant_key: Option<String>) -> &'static str {
     (|| verify_grant(&required(grant_key, "grant_key")?))().or_raise()
 }
 
@@ -575,27 +576,27 @@ fn parse_exec(execution_id: Option<String>) -> FfResult<ExecutionId> {
 }
 
 /// Extends the lease of a claimed execution; returns the new expiry (ms).
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_renew_lease")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_renew_lease(execution_id: Option<String>, grant_key: Option<String>, ttl_ms: Option<i64>) -> i64 {
+fn sql_renew_lease(execution_id: Option<String>, grant_key: Option<String>, ttl_ms: Option<i64>) -> i64 {
     (|| renew_lease(&parse_exec(execution_id)?, &required(grant_key, "grant_key")?, required(ttl_ms, "ttl_ms")?))()
         .or_raise()
 }
 
 /// Completes a claimed execution with an optional result; writes its
 /// 'success' completion event and runs its cascade in the same transaction.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_complete_execution")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_complete_execution(execution_id: Option<String>, grant_key: Option<String>, result: default!(Option<RawJsonb>, "NULL")) {
+fn sql_complete_execution(execution_id: Option<String>, grant_key: Option<String>, result: default!(Option<RawJsonb>, "NULL")) {
     (|| complete(&parse_exec(execution_id)?, &required(grant_key, "grant_key")?, result))().or_raise()
 }
 
 /// Fails the running attempt. Retryable failures with attempts left return
 /// to the queue after the execution's backoff ('retry_scheduled'); otherwise
 /// the execution ends 'failed' with a completion event and its cascade.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_fail_execution")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_fail_execution(
+fn sql_fail_execution(
     execution_id: Option<String>,
     grant_key: Option<String>,
     error: Option<String>,

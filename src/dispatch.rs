@@ -183,7 +183,7 @@ pub fn count(c: &mut SpiClient<'_>, lock: &FlowLock, deltas: &BTreeMap<[u8; 16],
         "UPDATE ff_edge_group g SET pending_count = g.pending_count + d.p, running_count = g.running_count + d.r,
              success_count = g.success_count + d.s, fail_count = g.fail_count + d.f, skip_count = g.skip_count + d.k
          FROM unnest($2::uuid[], $3::int[], $4::int[], $5::int[], $6::int[], $7::int[]) AS d(down, p, r, s, f, k)
-         WHERE g.flow_id = $1 AND g.downstream_eid = d.down
+         WHERE g.flow_id = $1 AND g.downstream_eid = d.down AND g.downstream_eid = ANY ($2)
          RETURNING g.downstream_eid, g.policy, g.pending_count, g.running_count, g.success_count, g.fail_count,
                    g.skip_count, g.group_state",
         &[lock.id.into(), downs.into(), p.into(), r.into(), s.into(), f.into(), k.into()],
@@ -276,7 +276,7 @@ pub fn fire(c: &mut SpiClient<'_>, lock: &FlowLock, decided: &[(Uuid, Decision)]
         c,
         "UPDATE ff_edge_group g SET group_state = d.state, settled = d.settled
          FROM unnest($2::uuid[], $3::text[], $4::bool[]) AS d(down, state, settled)
-         WHERE g.flow_id = $1 AND g.downstream_eid = d.down",
+         WHERE g.flow_id = $1 AND g.downstream_eid = d.down AND g.downstream_eid = ANY ($2)",
         &[lock.id.into(), downs.into(), states.into(), settled.into()],
     )?;
     Ok(())
@@ -300,6 +300,11 @@ fn still_live(c: &mut SpiClient<'_>, asked: &[Uuid], done: &[Ended]) -> FfResult
 
 /// One wave: resolves every applied, unresolved edge leaving `wave` and
 /// counts them. Returns the number of edges resolved and what ended next.
+///
+/// The statements joined to an array also say `= ANY (array)`: that gives
+/// the planner an index condition whichever side it drives the join from,
+/// so a wave costs the same however large the flow (a plan cached while the
+/// tables were small would otherwise filter the whole flow on every hop).
 fn step(c: &mut SpiClient<'_>, lock: &FlowLock, wave: &[Ended], now: i64) -> FfResult<(i32, Vec<Ended>)> {
     let ups: Vec<Uuid> = wave.iter().map(|e| e.uuid).collect();
     let buckets: Vec<String> = wave.iter().map(|e| e.outcome.bucket().as_str().to_string()).collect();
@@ -309,7 +314,8 @@ fn step(c: &mut SpiClient<'_>, lock: &FlowLock, wave: &[Ended], now: i64) -> FfR
         c,
         "UPDATE ff_edge e SET resolution = w.b
          FROM unnest($2::uuid[], $3::text[]) AS w(u, b)
-         WHERE e.flow_id = $1 AND e.upstream_eid = w.u AND e.edge_state = 'applied' AND e.resolution IS NULL
+         WHERE e.flow_id = $1 AND e.upstream_eid = w.u AND e.upstream_eid = ANY ($2)
+           AND e.edge_state = 'applied' AND e.resolution IS NULL
          RETURNING e.downstream_eid, e.resolution",
         &[lock.id.into(), ups.into(), buckets.into()],
     )?;
@@ -361,7 +367,7 @@ pub fn end_held(c: &mut SpiClient<'_>, uuid: &Uuid, flow: Option<Uuid>, ending: 
         None => None,
     };
     let Some(mut lock) = lock else {
-        exec::finish(c, &[*uuid], ending, Wait::Yes, now)?;
+        exec::finish(c, &[*uuid], ending, Wait::Held, now)?;
         return Ok(());
     };
     if lock.cancel_requested && ending.outcome != Outcome::Cancelled {
@@ -370,7 +376,7 @@ pub fn end_held(c: &mut SpiClient<'_>, uuid: &Uuid, flow: Option<Uuid>, ending: 
             lock.id
         )));
     }
-    let ended = exec::finish(c, &[*uuid], ending, Wait::Yes, now)?;
+    let ended = exec::finish(c, &[*uuid], ending, Wait::Held, now)?;
     cascade(&mut lock, ended, now)?;
     flow::release(c, lock, now)
 }
@@ -440,9 +446,9 @@ pub fn dispatch_completion(event_id: i64) -> FfResult<(&'static str, i32)> {
 /// Dispatches a completion event: advances the edge groups downstream of
 /// its execution, and the whole cascade that follows, in the caller's
 /// transaction. 'noop' when it was already dispatched.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_dispatch_completion")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_dispatch_completion(
+fn sql_dispatch_completion(
     event_id: Option<i64>,
 ) -> TableIterator<'static, (name!(outcome, String), name!(advanced, i32))> {
     let (outcome, n) = (|| dispatch_completion(required(event_id, "event_id")?))().or_raise();

@@ -24,22 +24,31 @@
 //!
 //! 1. The execution row a call names: the claim's pick (`SKIP LOCKED`), the
 //!    fence of renew / complete / fail, `ff_record_spend`, `ff_cancel_execution`,
-//!    and the downstream of `ff_apply_dependency_to_child` (`FOR KEY SHARE`).
+//!    `ff_add_execution_to_flow`.
 //! 2. The flow row of that execution (`flow::lock`). Everything that changes
 //!    a flow's graph or ends one of its members holds it.
 //! 3. Under the flow row: its edges and edge groups, and its member rows.
 //!    Member rows are taken only with `SKIP LOCKED` while the flow row is
-//!    held (a member may be held by a worker that waits for the flow row);
-//!    whatever is skipped is left in a state the repair reconciler finishes.
-//! 4. Budget policy rows in ascending budget id, then their usage rows in
-//!    ascending dimension.
-//! 5. The quota policy row.
+//!    held (a member may be held by a worker that waits for the flow row):
+//!    the cascade leaves what it skipped to the repair reconciler, and
+//!    `ff_apply_dependency_to_child` answers 55P03 (retry).
+//! 4. The quota policy row (claims).
+//! 5. Budget usage rows: all rows of a budget at once, in ascending
+//!    dimension, budgets in ascending id; then the budget's policy row.
 //!
 //! Rows that belong to one execution (its attempts, grants, ledger rows and
 //! quota admission) are only written by whoever holds that execution's row,
 //! so ending a lease never waits on a shared row. A transaction holding a
-//! flow row never waits on a budget or quota row. Reconcilers never wait at
+//! flow row never waits on a quota or budget row. Reconcilers never wait at
 //! all: every lock they take is `SKIP LOCKED`.
+//!
+//! The order holds within each call. Across calls in one transaction the
+//! documented patterns keep it: claim (its own transaction, or followed by
+//! spends on the execution's budgets in ascending id and one completion),
+//! and flow building (create, add, stage, apply, set policy). Completing
+//! several executions of different flows in one transaction can wait in a
+//! cycle with another doing the same in another order: complete each in its
+//! own transaction.
 
 use crate::db::{col, col_req, exec, first_row, now_ms, with_spi};
 use crate::error::{required, FfError, FfResult, OrRaise};
@@ -719,7 +728,7 @@ pub fn lease(
                  attempt_state = 'running_attempt', attempt_index = x.attempt_index + 1,
                  started_at_ms = coalesce(x.started_at_ms, $5), lease_expires_at_ms = $6,
                  current_worker_id = $3, current_worker_instance_id = $4, current_grant_id = l.grant_id
-             FROM l WHERE x.execution_id = l.execution_id
+             FROM l WHERE x.execution_id = l.execution_id AND x.execution_id = ANY ($1)
              RETURNING x.execution_id, x.partition_key, x.lane_id, x.attempt_index, x.payload, l.grant_id),
          a AS (
              INSERT INTO ff_attempt (execution_id, attempt_index, partition_key, worker_id,
@@ -776,27 +785,45 @@ pub fn extend_lease(c: &mut SpiClient<'_>, uuid: &uuid::Uuid, attempt: i32, gran
 // Waiting on dependencies
 // ---------------------------------------------------------------------------
 
-/// Waiting/Delayed -> Blocked for the downstream of an applied edge (the
-/// caller holds its row and its flow). Returns its state before; an
-/// execution already blocked stays so, one that started or ended is left
-/// alone (the caller refuses the edge).
-pub fn block(c: &mut SpiClient<'_>, uuid: &pgrx::Uuid) -> FfResult<Option<State>> {
+/// What `block` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blocked {
+    /// Its state before (Waiting/Delayed/Blocked are now Blocked; an
+    /// execution that started or ended is left alone).
+    Now(State),
+    /// Another transaction holds its row.
+    Held,
+    Missing,
+}
+
+/// Waiting/Delayed -> Blocked for the downstream of an applied edge. The
+/// caller holds the flow, so the row is taken without waiting.
+pub fn block(c: &mut SpiClient<'_>, uuid: &pgrx::Uuid) -> FfResult<Blocked> {
     let t = exec(
         c,
-        "WITH old AS (SELECT lifecycle_phase, eligibility_state, terminal_outcome FROM ff_exec_core
-                      WHERE execution_id = $1),
-              upd AS (UPDATE ff_exec_core SET eligibility_state = 'blocked_by_dependencies',
-                          public_state = 'waiting_children'
-                      WHERE execution_id = $1 AND lifecycle_phase = 'runnable'
-                        AND eligibility_state IN ('eligible_now', 'not_eligible_until_time'))
-         SELECT lifecycle_phase, eligibility_state, terminal_outcome FROM old",
+        "SELECT lifecycle_phase, eligibility_state, terminal_outcome FROM ff_exec_core
+         WHERE execution_id = $1 FOR NO KEY UPDATE SKIP LOCKED",
         &[(*uuid).into()],
     )?;
-    let Some(row) = first_row(t) else { return Ok(None) };
+    let Some(row) = first_row(t) else {
+        let exists = !exec(c, "SELECT 1 FROM ff_exec_core WHERE execution_id = $1", &[(*uuid).into()])?.is_empty();
+        return Ok(if exists { Blocked::Held } else { Blocked::Missing });
+    };
     let phase: String = col_req(&row, 1)?;
     let eligibility: String = col_req(&row, 2)?;
     let outcome: Option<String> = col(&row, 3)?;
-    Ok(State::from_columns(&phase, &eligibility, outcome.as_deref()))
+    let Some(state) = State::from_columns(&phase, &eligibility, outcome.as_deref()) else {
+        return Err(FfError::internal(format!("execution {uuid} has an unknown state {phase}/{eligibility}")));
+    };
+    if matches!(state, State::Waiting | State::Delayed) {
+        exec(
+            c,
+            "UPDATE ff_exec_core SET eligibility_state = 'blocked_by_dependencies', public_state = 'waiting_children'
+             WHERE execution_id = $1",
+            &[(*uuid).into()],
+        )?;
+    }
+    Ok(Blocked::Now(state))
 }
 
 /// Blocked -> Waiting (or Delayed until eligible_at_ms) for downstreams
@@ -833,7 +860,19 @@ pub fn unblock(c: &mut SpiClient<'_>, uuids: &[pgrx::Uuid], now: i64) -> FfResul
     for lane in lanes {
         notify_lane(c, &lane)?;
     }
-    Ok(uuids.iter().filter(|u| !done.contains(u.as_bytes())).copied().collect())
+    let rest: Vec<pgrx::Uuid> = uuids.iter().filter(|u| !done.contains(u.as_bytes())).copied().collect();
+    if rest.is_empty() {
+        return Ok(rest);
+    }
+    // Of the others, those still blocked are held elsewhere; the rest were
+    // released or ended already.
+    let t = exec(
+        c,
+        "SELECT execution_id FROM ff_exec_core WHERE execution_id = ANY($1)
+           AND eligibility_state = 'blocked_by_dependencies'",
+        &[rest.into()],
+    )?;
+    Ok(t.filter_map(|r| r.get::<pgrx::Uuid>(1).ok().flatten()).collect())
 }
 
 /// Delayed -> Waiting for executions whose time has come (a reconciler:
@@ -869,13 +908,16 @@ pub struct Ended {
     pub outcome: Outcome,
 }
 
-/// How `finish` treats rows another transaction holds.
+/// How a call takes the execution rows it changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
-    /// Wait for them: only for the execution row a call names (lock order 1).
+    /// Wait for rows another transaction holds: only for the execution row a
+    /// call names (lock order 1).
     Yes,
-    /// Skip them: under a flow row and in reconcilers.
+    /// Skip rows another transaction holds: under a flow row and in reconcilers.
     SkipLocked,
+    /// The caller locked the rows in an earlier statement (the fence, a cancel).
+    Held,
 }
 
 /// What a terminal transition records.
@@ -899,15 +941,26 @@ pub fn finish(c: &mut SpiClient<'_>, uuids: &[pgrx::Uuid], e: &Ending<'_>, wait:
     if uuids.is_empty() {
         return Ok(Vec::new());
     }
-    let sql = match wait {
-        Wait::Yes => FINISH_WAIT,
-        Wait::SkipLocked => FINISH_SKIP_LOCKED,
+    // Lock first, then end in a new statement: its snapshot, taken after the
+    // locks, sees the attempt, quota slot and reservation of a claim that
+    // committed while we waited or as we skipped past it (one statement
+    // would lock the claim's row but miss the rows it inserted).
+    let locked: Vec<pgrx::Uuid> = match wait {
+        Wait::Held => uuids.to_vec(),
+        Wait::Yes | Wait::SkipLocked => {
+            let sql = if wait == Wait::Yes { LOCK_LIVE } else { LOCK_LIVE_SKIP };
+            let t = exec(c, sql, &[uuids.to_vec().into()])?;
+            t.filter_map(|r| r.get::<pgrx::Uuid>(1).ok().flatten()).collect()
+        }
     };
+    if locked.is_empty() {
+        return Ok(Vec::new());
+    }
     let t = exec(
         c,
-        sql,
+        FINISH,
         &[
-            uuids.to_vec().into(),
+            locked.into(),
             e.outcome.as_str().into(),
             e.outcome.public_state().into(),
             e.result.into(),
@@ -936,49 +989,42 @@ pub fn finish(c: &mut SpiClient<'_>, uuids: &[pgrx::Uuid], e: &Ending<'_>, wait:
     Ok(out)
 }
 
-// The two forms of `finish`, differing only in how they lock. The row's
-// previous phase comes from the locking subquery, so the attempt, the quota
-// slot and the reservation are released only for executions that were
-// active.
-macro_rules! finish_sql {
-    ($lock:literal) => {
-        concat!(
-            "WITH old AS (
-                 SELECT execution_id, lifecycle_phase AS was, attempt_index, quota_policy_id FROM ff_exec_core
-                 WHERE execution_id = ANY($1) AND lifecycle_phase <> 'terminal' ",
-            $lock,
-            "),
-             ended AS (
-                 UPDATE ff_exec_core x SET lifecycle_phase = 'terminal', ownership_state = 'unowned',
-                     eligibility_state = 'not_applicable', attempt_state = 'attempt_terminal',
-                     public_state = $3, terminal_outcome = $2, result = coalesce($4, x.result),
-                     last_error = coalesce($5, x.last_error), cancellation_reason = coalesce($6, x.cancellation_reason),
-                     terminal_at_ms = $7, lease_expires_at_ms = NULL, current_grant_id = NULL
-                 FROM old WHERE x.execution_id = old.execution_id
-                 RETURNING x.execution_id, x.partition_key, x.flow_id, x.namespace, x.instance_tag, x.lane_id,
-                           old.was, old.attempt_index, old.quota_policy_id),
-             att AS (
-                 UPDATE ff_attempt a SET outcome = $2, error = $5, terminal_at_ms = $7, lease_expires_at_ms = NULL
-                 FROM ended e WHERE e.was = 'active' AND a.execution_id = e.execution_id
-                   AND a.attempt_index = e.attempt_index),
-             quota AS (
-                 DELETE FROM ff_quota_admitted q USING ended e
-                 WHERE e.was = 'active' AND q.quota_policy_id = e.quota_policy_id AND q.execution_id = e.execution_id),
-             reserve AS (
-                 UPDATE ff_budget_usage_by_exec l SET reserved = 0, updated_at_ms = $7
-                 FROM ended e WHERE e.was = 'active' AND l.execution_id = e.execution_id AND l.reserved > 0),
-             ev AS (
-                 INSERT INTO ff_completion_event (partition_key, execution_id, flow_id, outcome, namespace,
-                     instance_tag, occurred_at_ms, dispatched_at_ms)
-                 SELECT partition_key, execution_id, flow_id, $2, namespace, instance_tag, $7,
-                        CASE WHEN $8 THEN $7 END
-                 FROM ended)
-             SELECT execution_id, flow_id, lane_id FROM ended"
-        )
-    };
-}
-const FINISH_WAIT: &str = finish_sql!("FOR NO KEY UPDATE");
-const FINISH_SKIP_LOCKED: &str = finish_sql!("FOR NO KEY UPDATE SKIP LOCKED");
+const LOCK_LIVE: &str = "SELECT execution_id FROM ff_exec_core
+    WHERE execution_id = ANY($1) AND lifecycle_phase <> 'terminal' FOR NO KEY UPDATE";
+const LOCK_LIVE_SKIP: &str = "SELECT execution_id FROM ff_exec_core
+    WHERE execution_id = ANY($1) AND lifecycle_phase <> 'terminal' FOR NO KEY UPDATE SKIP LOCKED";
+
+// Ends executions this transaction holds. The attempt, the quota slot and
+// the reservation are released only for executions that were active.
+const FINISH: &str = "WITH old AS (
+         SELECT execution_id, lifecycle_phase AS was, attempt_index, quota_policy_id FROM ff_exec_core
+         WHERE execution_id = ANY($1) AND lifecycle_phase <> 'terminal'),
+     ended AS (
+         UPDATE ff_exec_core x SET lifecycle_phase = 'terminal', ownership_state = 'unowned',
+             eligibility_state = 'not_applicable', attempt_state = 'attempt_terminal',
+             public_state = $3, terminal_outcome = $2, result = coalesce($4, x.result),
+             last_error = coalesce($5, x.last_error), cancellation_reason = coalesce($6, x.cancellation_reason),
+             terminal_at_ms = $7, lease_expires_at_ms = NULL, current_grant_id = NULL
+         FROM old WHERE x.execution_id = old.execution_id AND x.execution_id = ANY($1)
+         RETURNING x.execution_id, x.partition_key, x.flow_id, x.namespace, x.instance_tag, x.lane_id,
+                   old.was, old.attempt_index, old.quota_policy_id),
+     att AS (
+         UPDATE ff_attempt a SET outcome = $2, error = $5, terminal_at_ms = $7, lease_expires_at_ms = NULL
+         FROM ended e WHERE e.was = 'active' AND a.execution_id = e.execution_id
+           AND a.attempt_index = e.attempt_index),
+     quota AS (
+         DELETE FROM ff_quota_admitted q USING ended e
+         WHERE e.was = 'active' AND q.quota_policy_id = e.quota_policy_id AND q.execution_id = e.execution_id),
+     reserve AS (
+         UPDATE ff_budget_usage_by_exec l SET reserved = 0, updated_at_ms = $7
+         FROM ended e WHERE e.was = 'active' AND l.execution_id = e.execution_id AND l.reserved > 0),
+     ev AS (
+         INSERT INTO ff_completion_event (partition_key, execution_id, flow_id, outcome, namespace,
+             instance_tag, occurred_at_ms, dispatched_at_ms)
+         SELECT partition_key, execution_id, flow_id, $2, namespace, instance_tag, $7,
+                CASE WHEN $8 THEN $7 END
+         FROM ended)
+     SELECT execution_id, flow_id, lane_id FROM ended";
 
 /// Active -> Waiting (or Delayed until `eligible_at_ms`) for an execution
 /// the caller holds: ends the running attempt and frees its quota slot and
@@ -1164,10 +1210,10 @@ pub fn options_from_args(
 /// `delay_until_ms`). Returns its `{fp:N}:<uuid>` id; an existing
 /// `execution_id`, or a live execution of the lane with the same
 /// `unique_key`, is returned instead of creating another.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_create_execution")]
 #[search_path(@extschema@, pg_temp)]
 #[allow(clippy::too_many_arguments)]
-fn ff_create_execution(
+fn sql_create_execution(
     lane_id: Option<String>,
     payload: default!(Option<RawJsonb>, "NULL"),
     priority: default!(Option<i32>, 0),
@@ -1199,10 +1245,10 @@ fn ff_create_execution(
 
 /// Creates one execution per payload, all with the same options, in one
 /// statement; returns their ids in the order of `payloads`.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_create_executions")]
 #[search_path(@extschema@, pg_temp)]
 #[allow(clippy::too_many_arguments)]
-fn ff_create_executions(
+fn sql_create_executions(
     lane_id: Option<String>,
     payloads: Option<RawJsonbArray>,
     priority: default!(Option<i32>, 0),
@@ -1239,17 +1285,17 @@ fn ff_create_executions(
 
 /// State, payload, result and lease of one execution as jsonb (what a
 /// worker reads after a claim). Unknown execution: P0002.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_get_execution")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_get_execution(execution_id: Option<String>) -> RawJsonb {
+fn sql_get_execution(execution_id: Option<String>) -> RawJsonb {
     (|| execution_info(&ExecutionId::parse(&required(execution_id, "execution_id")?)?))().or_raise()
 }
 
 /// Puts a failed, expired or cancelled solo execution back in the queue:
 /// 'requeued', or 'already_live' when it has not ended.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_retry_execution")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_retry_execution(execution_id: Option<String>, reset_attempts: default!(Option<bool>, true)) -> &'static str {
+fn sql_retry_execution(execution_id: Option<String>, reset_attempts: default!(Option<bool>, true)) -> &'static str {
     (|| {
         let id = ExecutionId::parse(&required(execution_id, "execution_id")?)?;
         let reset = required(reset_attempts, "reset_attempts")?;
@@ -1259,8 +1305,8 @@ fn ff_retry_execution(execution_id: Option<String>, reset_attempts: default!(Opt
 }
 
 /// The NOTIFY channel announcing new eligible work on a lane (LISTEN on it).
-#[pg_extern(immutable, parallel_safe)]
-fn ff_lane_channel(lane_id: &str) -> String {
+#[pg_extern(immutable, parallel_safe, name = "ff_lane_channel")]
+fn sql_lane_channel(lane_id: &str) -> String {
     lane_channel(lane_id)
 }
 

@@ -75,7 +75,7 @@ impl FlowLock {
 /// or, with `Wait::SkipLocked`, when another transaction holds it.
 pub fn lock(c: &mut SpiClient<'_>, flow: &Uuid, wait: Wait) -> FfResult<Option<FlowLock>> {
     let sql = match wait {
-        Wait::Yes => LOCK_FLOW,
+        Wait::Yes | Wait::Held => LOCK_FLOW,
         Wait::SkipLocked => LOCK_FLOW_SKIP,
     };
     let t = exec(c, sql, &[(*flow).into()])?;
@@ -203,14 +203,25 @@ pub fn add_execution(flow: &Uuid, id: &ExecutionId) -> FfResult<(&'static str, i
             "UPDATE ff_exec_core SET flow_id = $2, namespace = $3 WHERE execution_id = $1",
             &[pg_uuid(&id.uuid).into(), (*flow).into(), lock.namespace.as_str().into()],
         )?;
+        // A flow is open until every member is terminal: adding a member that
+        // already ended to a flow with none live ends the flow.
         let t = exec(
             c,
             "UPDATE ff_flow_core SET graph_revision = graph_revision + 1, node_count = node_count + 1,
-                 live_count = live_count + $2, failed_count = failed_count + $3
-             WHERE flow_id = $1 RETURNING node_count",
-            &[(*flow).into(), i32::from(live).into(), i32::from(failed).into()],
+                 live_count = live_count + $2, failed_count = failed_count + $3,
+                 public_flow_state = CASE WHEN live_count + $2 = 0
+                     THEN CASE WHEN failed_count + $3 > 0 THEN 'failed' ELSE 'completed' END
+                     ELSE public_flow_state END,
+                 terminal_at_ms = CASE WHEN live_count + $2 = 0 THEN $4 ELSE terminal_at_ms END
+             WHERE flow_id = $1 RETURNING node_count, public_flow_state",
+            &[(*flow).into(), i32::from(live).into(), i32::from(failed).into(), now_ms().into()],
         )?;
-        Ok(("added", first_row(t).map(|r| col_req(&r, 1)).transpose()?.unwrap_or(0)))
+        let row = first_row(t).ok_or_else(|| flow_missing(flow))?;
+        let state: String = col_req(&row, 2)?;
+        if state != "open" {
+            announce(c, flow, &state)?;
+        }
+        Ok(("added", col_req(&row, 1)?))
     })
 }
 
@@ -348,21 +359,13 @@ pub fn stage_edge(e: &NewEdge) -> FfResult<i64> {
 /// downstream is blocked until the group fires. An upstream that already
 /// ended counts at once. Returns (result, applied edges still waiting).
 ///
-/// Lock order: the downstream `FOR KEY SHARE` (a claim in flight on it
-/// finishes first; the cascade's updates do not conflict with it), then the
-/// flow, under which the upstream's state is final: it can only end while
-/// the flow is held.
+/// Under the flow's lock the upstream's state is final (it can only end
+/// while the flow is held). The downstream is taken without waiting: a
+/// transaction holding it (a claim in flight, a cancel) may be about to wait
+/// for this flow, so a held downstream is 55P03, to retry.
 pub fn apply_edge(flow: &Uuid, edge: &Uuid, downstream: &ExecutionId) -> FfResult<(&'static str, i32)> {
     with_spi(|c| {
         let down = pg_uuid(&downstream.uuid);
-        let t = exec(
-            c,
-            "SELECT 1 FROM ff_exec_core WHERE execution_id = $1 AND partition_key = $2 FOR KEY SHARE",
-            &[down.into(), downstream.partition.into()],
-        )?;
-        if t.is_empty() {
-            return Err(FfError::not_found(format!("execution {downstream} does not exist")));
-        }
         let lock = lock(c, flow, Wait::Yes)?.ok_or_else(|| flow_missing(flow))?;
         let t = exec(
             c,
@@ -383,14 +386,21 @@ pub fn apply_edge(flow: &Uuid, edge: &Uuid, downstream: &ExecutionId) -> FfResul
         lock.refuse_unless_open()?;
         refuse_fired(group.as_ref(), downstream)?;
         match exec::block(c, &down)? {
-            Some(State::Waiting | State::Delayed | State::Blocked) => {}
-            Some(other) => {
+            exec::Blocked::Now(State::Waiting | State::Delayed | State::Blocked) => {}
+            exec::Blocked::Now(other) => {
                 return Err(FfError::wrong_state(format!(
                     "execution {downstream} has already started ({}); an edge can only be applied to an execution not yet claimed",
                     other.columns().2
                 )))
             }
-            None => return Err(FfError::not_found(format!("execution {downstream} does not exist"))),
+            exec::Blocked::Held => {
+                return Err(FfError::new(
+                    pgrx::PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+                    format!("execution {downstream} is held by another transaction (a claim or a cancel in flight)"),
+                )
+                .with_detail("retry the apply; if the other transaction claimed it, the edge can no longer join"))
+            }
+            exec::Blocked::Missing => return Err(FfError::not_found(format!("execution {downstream} does not exist"))),
         }
         let upstream_ended = col::<String>(&row, 4)?.as_deref() == Some("terminal");
         let bucket = upstream_ended.then(|| Bucket::of_outcome(col::<String>(&row, 5).ok().flatten().as_deref().unwrap_or("")));
@@ -515,9 +525,9 @@ fn check_reason(reason: Option<String>) -> FfResult<String> {
 }
 
 /// Creates a flow (a DAG of executions). Idempotent: 'created' or 'already_satisfied'.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_create_flow")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_create_flow(
+fn sql_create_flow(
     flow_id: Option<Uuid>,
     flow_kind: default!(Option<String>, "'dag'"),
     namespace: default!(Option<String>, "'default'"),
@@ -528,9 +538,9 @@ fn ff_create_flow(
 
 /// Adds an execution (created with `flow_id => flow`) to the flow; bumps
 /// graph_revision. Returns ('added' | 'already_member', node_count).
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_add_execution_to_flow")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_add_execution_to_flow(
+fn sql_add_execution_to_flow(
     flow_id: Option<Uuid>,
     execution_id: Option<String>,
 ) -> TableIterator<'static, (name!(result, String), name!(node_count, i32))> {
@@ -541,10 +551,10 @@ fn ff_add_execution_to_flow(
 /// Stages edge upstream -> downstream if the graph is still at
 /// `expected_graph_revision` (else 40001); refuses self-edges, non-members,
 /// duplicates (23505) and cycles. Returns the new graph revision.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_stage_dependency_edge")]
 #[search_path(@extschema@, pg_temp)]
 #[allow(clippy::too_many_arguments)]
-fn ff_stage_dependency_edge(
+fn sql_stage_dependency_edge(
     flow_id: Option<Uuid>,
     edge_id: Option<Uuid>,
     upstream_execution_id: Option<String>,
@@ -574,9 +584,9 @@ fn ff_stage_dependency_edge(
 
 /// Applies a staged edge so its downstream waits for it. Returns
 /// ('applied' | 'already_applied', applied edges still waiting).
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_apply_dependency_to_child")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_apply_dependency_to_child(
+fn sql_apply_dependency_to_child(
     flow_id: Option<Uuid>,
     edge_id: Option<Uuid>,
     downstream_execution_id: Option<String>,
@@ -594,9 +604,9 @@ fn ff_apply_dependency_to_child(
 
 /// Sets how the inbound edges of a downstream combine: all_of (default),
 /// any_of or quorum. Only before any of its edges is staged.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_set_edge_group_policy")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_set_edge_group_policy(flow_id: Option<Uuid>, downstream_execution_id: Option<String>, policy: Option<RawJsonb>) -> &'static str {
+fn sql_set_edge_group_policy(flow_id: Option<Uuid>, downstream_execution_id: Option<String>, policy: Option<RawJsonb>) -> &'static str {
     (|| {
         let policy = GroupPolicy::parse(&required(policy, "policy")?.to_value("policy")?)?;
         set_group_policy(&required(flow_id, "flow_id")?, &parse_exec(downstream_execution_id, "downstream_execution_id")?, policy)
@@ -606,16 +616,16 @@ fn ff_set_edge_group_policy(flow_id: Option<Uuid>, downstream_execution_id: Opti
 
 /// Cancels the flow and every live member; returns how many members end
 /// cancelled.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_cancel_flow")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_cancel_flow(flow_id: Option<Uuid>, reason: default!(Option<String>, "'cancelled'")) -> i32 {
+fn sql_cancel_flow(flow_id: Option<Uuid>, reason: default!(Option<String>, "'cancelled'")) -> i32 {
     (|| cancel_flow(&required(flow_id, "flow_id")?, &check_reason(reason)?))().or_raise()
 }
 
 /// Cancels one execution with its cascade: 'cancelled' or 'already_terminal'.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_cancel_execution")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_cancel_execution(execution_id: Option<String>, reason: default!(Option<String>, "'cancelled'")) -> &'static str {
+fn sql_cancel_execution(execution_id: Option<String>, reason: default!(Option<String>, "'cancelled'")) -> &'static str {
     (|| cancel_execution(&parse_exec(execution_id, "execution_id")?, &check_reason(reason)?))().or_raise()
 }
 
@@ -979,23 +989,23 @@ pub fn inputs(id: &ExecutionId) -> FfResult<RawJsonb> {
 
 /// Builds a whole flow from a JSON spec in one atomic call; returns
 /// `{"flow_id", "graph_revision", "executions": {name: id}, "execution_ids": [...]}`.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_submit_flow")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_submit_flow(spec: Option<RawJsonb>) -> RawJsonb {
+fn sql_submit_flow(spec: Option<RawJsonb>) -> RawJsonb {
     (|| submit_flow(required(spec, "spec")?))().or_raise()
 }
 
 /// A flow's state, counts by public state and its nodes.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_get_flow")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_get_flow(flow_id: Option<Uuid>) -> RawJsonb {
+fn sql_get_flow(flow_id: Option<Uuid>) -> RawJsonb {
     (|| flow_info(&required(flow_id, "flow_id")?))().or_raise()
 }
 
 /// The results of an execution's succeeded upstreams, by upstream name.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_get_inputs")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_get_inputs(execution_id: Option<String>) -> RawJsonb {
+fn sql_get_inputs(execution_id: Option<String>) -> RawJsonb {
     (|| inputs(&parse_exec(execution_id, "execution_id")?))().or_raise()
 }
 

@@ -92,8 +92,8 @@ pub fn rotate(kid: &str, secret: Option<Vec<u8>>) -> FfResult<String> {
 /// Makes `kid` the active signing key (random 32-byte secret by default; an
 /// explicit secret only from a superuser, 42501 otherwise). Retired kids
 /// keep verifying for flowfabric.key_grace_ms. Returns the kid.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_rotate_hmac_secret")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_rotate_hmac_secret(kid: Option<String>, secret: default!(Option<Vec<u8>>, "NULL")) -> String {
+fn sql_rotate_hmac_secret(kid: Option<String>, secret: default!(Option<Vec<u8>>, "NULL")) -> String {
     (|| rotate(&crate::error::required(kid, "kid")?, secret))().or_raise()
 }

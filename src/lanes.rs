@@ -104,24 +104,24 @@ pub fn list(lane: Option<&str>, public_state: Option<&str>, flow: Option<pgrx::U
 }
 
 /// Stops claims on a lane ('paused' / 'already_paused'); queued work waits.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_pause_lane")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_pause_lane(lane_id: Option<String>) -> &'static str {
+fn sql_pause_lane(lane_id: Option<String>) -> &'static str {
     (|| set_paused(&required(lane_id, "lane_id")?, true))().or_raise()
 }
 
 /// Lets claims on a lane go on ('resumed' / 'not_paused'), waking its workers.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_resume_lane")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_resume_lane(lane_id: Option<String>) -> &'static str {
+fn sql_resume_lane(lane_id: Option<String>) -> &'static str {
     (|| set_paused(&required(lane_id, "lane_id")?, false))().or_raise()
 }
 
 /// Executions in creation order, filtered by lane, public state and flow,
 /// one page of at most `max_count` after `after_execution_id`.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_list_executions")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_list_executions(
+fn sql_list_executions(
     lane_id: default!(Option<String>, "NULL"),
     public_state: default!(Option<String>, "NULL"),
     flow_id: default!(Option<pgrx::Uuid>, "NULL"),

@@ -107,9 +107,9 @@ pub fn admit(c: &mut SpiClient<'_>, quota_policy_id: &str, execution: &pgrx::Uui
 
 /// Creates a quota policy (0 = unlimited). Idempotent: 'created' or
 /// 'already_satisfied'.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_create_quota_policy")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_create_quota_policy(
+fn sql_create_quota_policy(
     quota_policy_id: Option<String>,
     window_seconds: Option<i64>,
     max_requests_per_window: Option<i64>,

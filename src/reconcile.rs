@@ -165,7 +165,7 @@ fn expire_one(c: &mut SpiClient<'_>, uuid: &Uuid, now: i64) -> FfResult<Expiry> 
     }
     let (outcome, result) = if cancelling { (Outcome::Cancelled, Expiry::Cancelled) } else { (Outcome::Expired, Expiry::Expired) };
     let ending = Ending { outcome, result: None, error: Some("lease expired"), reason: None, dispatched: true };
-    let ended = exec::finish(c, &[*uuid], &ending, Wait::Yes, now)?;
+    let ended = exec::finish(c, &[*uuid], &ending, Wait::Held, now)?;
     if let Some(mut lock) = lock.take() {
         dispatch::cascade(&mut lock, ended, now)?;
         flow::release(c, lock, now)?;
@@ -510,9 +510,9 @@ pub fn run_reconcilers(c: &mut SpiClient<'_>) -> FfResult<Value> {
 /// Dispatches completion events undispatched for longer than
 /// `stale_threshold_ms`, oldest first, at most 1000 per call; one failing
 /// event counts in `errors` and does not stop the others.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_reconcile_tick")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_reconcile_tick(
+fn sql_reconcile_tick(
     stale_threshold_ms: default!(Option<i64>, 1000),
     namespace: default!(Option<String>, "NULL"),
     instance_tag: default!(Option<String>, "NULL"),
@@ -545,8 +545,8 @@ fn ff_reconcile_tick(
 /// One pass of every reconciler (dependency, budget reset, lease expiry,
 /// delayed promotion, graph repair, dedup purge, quota window trim, expired
 /// grant purge, retention purge, orphan purge, schedules) with their counts.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_run_reconcilers")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_run_reconcilers() -> JsonB {
+fn sql_run_reconcilers() -> JsonB {
     JsonB(with_spi(run_reconcilers).or_raise())
 }

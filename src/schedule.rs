@@ -245,10 +245,10 @@ pub fn summary(ran: i64, created: i64, missed: i64, errors: i64) -> Value {
 /// Creates (or redefines) a schedule: each due time of `cron` (UTC; five
 /// fields, or six with seconds first) creates one execution on `lane_id`
 /// with these options. Returns 'created', 'updated' or 'already_satisfied'.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_create_schedule")]
 #[search_path(@extschema@, pg_temp)]
 #[allow(clippy::too_many_arguments)]
-fn ff_create_schedule(
+fn sql_create_schedule(
     schedule_id: Option<String>,
     cron: Option<String>,
     lane_id: Option<String>,
@@ -279,9 +279,9 @@ fn ff_create_schedule(
 }
 
 /// Removes a schedule: 'dropped' or 'not_found'. Executions it created stay.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe, security_definer, name = "ff_drop_schedule")]
 #[search_path(@extschema@, pg_temp)]
-fn ff_drop_schedule(schedule_id: Option<String>) -> &'static str {
+fn sql_drop_schedule(schedule_id: Option<String>) -> &'static str {
     (|| drop_schedule(&required(schedule_id, "schedule_id")?))().or_raise()
 }
 

@@ -343,16 +343,17 @@ mod tests {
     }
 
     #[pg_test]
-    fn record_mode_refuses_reports_once_past_the_limit() {
+    fn record_mode_books_every_report_and_says_so() {
         Spi::run("SELECT ff_create_budget('b', '{tokens}', '{1000}', '{0}', on_hard_limit => 'record')").unwrap();
         let a = leased("{b}");
         let b = leased("{b}");
         assert_eq!(spend(&a, r#"{"tokens": 900}"#, "a1"), "ok|||");
         assert_eq!(spend(&b, r#"{"tokens": 300}"#, "b1"), "hard_breach|tokens|1200|1000");
-        assert_eq!(spend(&a, r#"{"tokens": 300}"#, "a2"), "hard_breach|tokens|1200|1000");
-        assert_eq!(usage("b", "tokens"), 1200, "at most one report past the limit");
+        // Already past: still booked (the spend happened); admission has stopped.
+        assert_eq!(spend(&a, r#"{"tokens": 300}"#, "a2"), "hard_breach|tokens|1500|1000");
+        assert_eq!(usage("b", "tokens"), 1500);
         let ledger: i64 = one("SELECT sum(delta_total)::bigint FROM ff_budget_usage_by_exec").unwrap();
-        assert_eq!(ledger, 1200);
+        assert_eq!(ledger, 1500);
     }
 
     #[pg_test]

@@ -1,0 +1,158 @@
+"""Flows at the sizes users build: many submitted at once while workers run
+them, and cascades long and wide enough to show that a cascade's memory
+does not grow with its length."""
+import json
+import os
+import select
+import threading
+import time
+import uuid
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from cluster import Cluster
+from ffhelp import invariant_violations, run_parallel
+
+FLOWS, SUBMITTERS, WORKERS = 200, 4, 6
+
+
+def document_flow(i):
+    """A five-node flow with a quorum join, as in the issue's test."""
+    lane = "docs"
+    return {
+        "flow_id": str(uuid.uuid4()),
+        "nodes": [
+            {"name": "fetch", "lane": lane, "payload": {"doc": i}},
+            {"name": "ocr", "lane": lane},
+            {"name": "nlp", "lane": lane},
+            {"name": "vision", "lane": lane},
+            {"name": "join", "lane": lane, "payload": {"doc": i},
+             "policy": {"kind": "quorum", "k": 2, "on_satisfied": "let_run"}},
+        ],
+        "edges": [{"from": "fetch", "to": "ocr"}, {"from": "fetch", "to": "nlp"}, {"from": "fetch", "to": "vision"},
+                  {"from": "ocr", "to": "join"}, {"from": "nlp", "to": "join"}, {"from": "vision", "to": "join"}],
+    }
+
+
+def test_two_hundred_flows_submitted_while_workers_run_them(cluster, db):
+    done = threading.Event()
+    events, submitted = {}, {}
+    lock = threading.Lock()
+    listener = cluster.connect(db)
+    listener.add_notify_handler(lambda n: events.setdefault(json.loads(n.payload)["flow_id"], json.loads(n.payload)["state"]))
+    listener.execute("LISTEN ff_flow_events")
+
+    def submitter(i):
+        with cluster.connect(db) as c:
+            for k in range(i, FLOWS, SUBMITTERS):
+                answer = c.execute("SELECT ff_submit_flow(%s)", (Jsonb(document_flow(k)),)).fetchone()[0]
+                with lock:
+                    submitted[answer["flow_id"]] = answer
+
+    def worker(i):
+        with cluster.connect(db) as c:
+            while not done.is_set():
+                rows = c.execute("SELECT execution_id, grant_key, payload FROM ff_claim_batch('{docs}', %s, 'i', "
+                                 "max_count => 3)", (f"w{i}",)).fetchall()
+                if not rows:
+                    time.sleep(0.01)
+                    continue
+                for eid, grant, payload in rows:
+                    inputs = c.execute("SELECT ff_get_inputs(%s)", (eid,)).fetchone()[0]
+                    c.execute("SELECT ff_complete_execution(%s, %s, %s)",
+                              (eid, grant, Jsonb({"saw": sorted(inputs), "doc": (payload or {}).get("doc")})))
+
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(WORKERS)]
+    for t in workers:
+        t.start()
+    try:
+        run_parallel(SUBMITTERS, submitter)
+        deadline = time.time() + 120
+        while len(events) < FLOWS and time.time() < deadline:
+            select.select([listener.fileno()], [], [], 0.5)
+            listener.execute("SELECT 1")  # lets psycopg read what arrived
+    finally:
+        done.set()
+        for t in workers:
+            t.join()
+    assert len(submitted) == FLOWS
+    assert set(events) == set(submitted), f"{len(events)} of {FLOWS} flows announced their end"
+    assert set(events.values()) == {"completed"}
+    with cluster.connect(db) as c:
+        for answer in list(submitted.values())[:20]:
+            join = c.execute("SELECT ff_get_execution(%s) -> 'result'", (answer["executions"]["join"],)).fetchone()[0]
+            # The join ran after a quorum of 2, and saw every upstream that had succeeded by then.
+            assert len(join["saw"]) >= 2 and set(join["saw"]) <= {"ocr", "nlp", "vision"}, join
+        assert c.execute("SELECT count(*) FROM ff_flow_core WHERE public_flow_state <> 'completed'").fetchone()[0] == 0
+        assert invariant_violations(c) == []
+    listener.close()
+
+
+def rss_sampler(pid, stop, peak):
+    """Samples a backend's resident memory until `stop`: VmHWM (peak RSS,
+    shared buffers it touched included) and the peak of its private
+    anonymous memory (RssAnon)."""
+    while not stop.is_set():
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            peak["hwm_kb"] = int(fields["VmHWM"].split()[0])
+            peak["anon_kb"] = max(peak.get("anon_kb", 0), int(fields["RssAnon"].split()[0]))
+        except (OSError, KeyError, ValueError):
+            pass
+        time.sleep(0.05)
+
+
+def run_cascade(conn, spec, lane):
+    """Submits `spec`, fails its head in one transaction and returns
+    (submit seconds, cascade seconds, peak memory)."""
+    started = time.time()
+    answer = conn.execute("SELECT ff_submit_flow(%s)", (Jsonb(spec),)).fetchone()[0]
+    submit_s = time.time() - started
+    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    eid, grant = conn.execute("SELECT execution_id, grant_key FROM ff_claim_for_worker(%s, 'w', 'i')", (lane,)).fetchone()
+    stop, peak = threading.Event(), {}
+    sampler = threading.Thread(target=rss_sampler, args=(pid, stop, peak))
+    sampler.start()
+    started = time.time()
+    conn.execute("SELECT ff_fail_execution(%s, %s, 'head failed', false)", (eid, grant))
+    cascade_s = time.time() - started
+    stop.set()
+    sampler.join()
+    return answer, submit_s, cascade_s, peak
+
+
+def test_long_and_wide_cascades_stay_within_bounded_memory():
+    """A 100,000-node chain failing at its head, and a 10,000-wide fan-out
+    skipping, each in one transaction: peak backend RSS stays under 200 MB.
+    The sizes can be raised with FF_CHAIN and FF_FANOUT."""
+    chain_n = int(os.environ.get("FF_CHAIN", "100000"))
+    fan_n = int(os.environ.get("FF_FANOUT", "10000"))
+    cl = Cluster("cascade", int(os.environ.get("FF_CASCADE_PORT", "54335")),
+                 conf={"shared_buffers": "128MB"}).init().start()
+    try:
+        with cl.connect() as c:
+            c.execute("CREATE EXTENSION flowfabric")
+            chain = {"nodes": [{"name": f"n{i}", "lane": "chain"} for i in range(chain_n)],
+                     "edges": [{"from": f"n{i}", "to": f"n{i + 1}"} for i in range(chain_n - 1)]}
+            answer, submit_s, cascade_s, peak = run_cascade(c, chain, "chain")
+            print(f"\n{chain_n}-node chain: submitted in {submit_s:.1f} s, cascade of {chain_n - 1} skips in "
+                  f"{cascade_s:.1f} s, peak RSS {peak.get('hwm_kb', 0) // 1024} MB "
+                  f"(private {peak.get('anon_kb', 0) // 1024} MB)")
+            assert peak["hwm_kb"] < 200 * 1024, peak
+            counts = c.execute("SELECT ff_get_flow(%s) -> 'counts'", (answer["flow_id"],)).fetchone()[0]
+            assert counts == {"failed": 1, "skipped": chain_n - 1}, counts
+
+            fan = {"nodes": [{"name": "root", "lane": "fan", "priority": 1}]
+                   + [{"name": f"c{i}", "lane": "fan"} for i in range(fan_n)],
+                   "edges": [{"from": "root", "to": f"c{i}"} for i in range(fan_n)]}
+            answer, submit_s, cascade_s, peak = run_cascade(c, fan, "fan")
+            print(f"{fan_n}-wide fan-out: submitted in {submit_s:.1f} s, cascade in {cascade_s:.1f} s, "
+                  f"peak RSS {peak.get('hwm_kb', 0) // 1024} MB (private {peak.get('anon_kb', 0) // 1024} MB)")
+            assert peak["hwm_kb"] < 200 * 1024, peak
+            state = c.execute("SELECT ff_get_flow(%s)", (answer["flow_id"],)).fetchone()[0]
+            assert state["state"] == "failed" and state["counts"] == {"failed": 1, "skipped": fan_n}, state["counts"]
+            assert invariant_violations(c) == []
+    finally:
+        cl.stop(quiet=True)
