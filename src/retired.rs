@@ -17,10 +17,13 @@ use pgrx::pg_sys;
 /// The answer of every retired entry point.
 fn refuse() -> FfResult<()> {
     crate::db::with_spi(|_| Ok(()))?;
-    Err(FfError::wrong_state(
-        "this function belongs to an earlier flowfabric version and is retired".to_string(),
-    )
-    .with_detail("run ALTER EXTENSION flowfabric UPDATE (as a superuser)"))
+    Err(FfError::wrong_state(format!(
+        "this function belongs to an earlier flowfabric version's SQL, which the installed library ({}) does not run",
+        env!("CARGO_PKG_VERSION")
+    ))
+    .with_detail(
+        "run ALTER EXTENSION flowfabric UPDATE (as a superuser); a new database takes CREATE EXTENSION flowfabric without VERSION",
+    ))
 }
 
 macro_rules! retired {

@@ -40,37 +40,26 @@ def pools(known):
     uuids = [None, uuid.uuid4(), uuid.UUID(int=0)]
     return {"text": text, "bigint": big, "int": small, "jsonb": json, "text[]": arrays,
             "bigint[]": bigarrays, "uuid": uuids, "bool": [None, True, False],
-            "bytea": [None, b"", b"x" * 16, b"x" * 100_000]}
+            "bytea": [None, b"", b"x" * 16, b"x" * 100_000],
+            "jsonb[]": [None, [], [None], [Jsonb({})], [Jsonb({"n": i}) for i in range(50)], [Jsonb(deep(10))]]}
 
 
-FUNCTIONS = {
-    "ff_create_budget": ["text", "text[]", "bigint[]", "bigint[]", "bigint", "text", "text", "text", "text", "text"],
-    "ff_report_usage": ["text", "jsonb", "text"],
-    "ff_report_usage_admin": ["text", "text[]", "bigint[]", "text"],
-    "ff_reset_budget": ["text"],
-    "ff_get_budget_status": ["text"],
-    "ff_create_quota_policy": ["text", "bigint", "bigint", "bigint"],
-    "ff_record_spend": ["text", "text", "jsonb", "text"],
-    "ff_release_budget": ["text", "text"],
-    "ff_create_execution": ["text", "jsonb", "int", "text[]", "text[]", "text", "uuid", "uuid", "bigint", "int"],
-    "ff_claim_for_worker": ["text", "text", "text", "text[]", "bigint"],
-    "ff_verify_grant": ["text"],
-    "ff_renew_lease": ["text", "text", "bigint"],
-    "ff_complete_execution": ["text", "text", "jsonb"],
-    "ff_fail_execution": ["text", "text", "text", "bool"],
-    "ff_get_execution": ["text"],
-    "ff_rotate_hmac_secret": ["text", "bytea"],
-    "ff_create_flow": ["uuid", "text", "text"],
-    "ff_add_execution_to_flow": ["uuid", "text"],
-    "ff_stage_dependency_edge": ["uuid", "uuid", "text", "text", "bigint", "text", "text"],
-    "ff_apply_dependency_to_child": ["uuid", "uuid", "text"],
-    "ff_set_edge_group_policy": ["uuid", "text", "jsonb"],
-    "ff_dispatch_completion": ["bigint"],
-    "ff_cancel_flow": ["uuid", "text"],
-    "ff_reconcile_tick": ["bigint", "text", "text"],
-    "ff_run_reconcilers": [],
-    "ff_lane_channel": ["text"],
-}
+# Every function of the extension with its argument types, read from the
+# catalog, so a new function is fuzzed without editing this file.
+CATALOG_FUNCTIONS = """
+    SELECT p.proname, array(SELECT format_type(t.oid, NULL) FROM unnest(p.proargtypes) WITH ORDINALITY AS a(oid, i)
+                            JOIN pg_type t ON t.oid = a.oid ORDER BY a.i)
+    FROM pg_proc p JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
+    JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'flowfabric'
+    WHERE p.prorettype <> 'trigger'::regtype ORDER BY 1"""
+SHORT = {"integer": "int", "boolean": "bool"}
+
+
+def catalog_functions(conn):
+    functions = {name: [SHORT.get(t, t) for t in types] for name, types in conn.execute(CATALOG_FUNCTIONS)}
+    assert len(functions) >= 38, sorted(functions)
+    return functions
+
 
 # SQLSTATE classes a well-behaved function may answer hostile input with.
 ALLOWED = ("22", "23", "28", "40", "42", "55", "P0", "54")
@@ -89,10 +78,13 @@ def test_hostile_arguments_never_break_the_engine(cluster, db):
         grants = [r[1] for r in c.execute("SELECT * FROM ff_claim_for_worker('lane', 'w', 'i')").fetchall()]
         values = pools(known + grants + ["b"])
         values["uuid"].append(flow)
+        functions = catalog_functions(c)
+        unknown = {t for types in functions.values() for t in types} - set(values)
+        assert not unknown, f"no fuzz values for argument types {unknown}"
         outcomes = {"ok": 0}
         for i in range(CALLS):
-            name = rng.choice(list(FUNCTIONS))
-            types = FUNCTIONS[name]
+            name = rng.choice(sorted(functions))
+            types = functions[name]
             args = [rng.choice(values[t]) for t in types]
             args = [str(a) if isinstance(a, Raw) else Jsonb(a) if t == "jsonb" and a is not None else a
                     for a, t in zip(args, types)]

@@ -1,4 +1,6 @@
-"""Roles, upgrades and dump/restore, as separate logins and processes see them."""
+"""Roles and dump/restore, as separate logins and processes see them. (The
+look-alike attack is tests/test_lookalike_client.py; upgrades are
+tests/test_upgrade_client.py.)"""
 import os
 import subprocess
 import uuid
@@ -26,11 +28,13 @@ def denied(conn, sql, args=None):
 def test_worker_role_can_work_but_not_read_secrets_or_write_tables(cluster, db):
     worker = login(cluster, "ff_test_worker", "flowfabric_worker")
     with cluster.connect(db) as admin:
-        theirs = admin.execute("SELECT ff_create_execution('sec')").fetchone()[0]
-        mine = admin.execute("SELECT ff_create_execution('sec')").fetchone()[0]
+        admin.execute("SELECT ff_create_budget('b', '{t}', '{10}', '{0}')")
+        admin.execute("SELECT ff_create_budget('other-b', '{t}', '{10}', '{0}')")
+        theirs = admin.execute("SELECT ff_create_execution('sec', budget_ids => '{b}')").fetchone()[0]
+        mine = admin.execute("SELECT ff_create_execution('sec', budget_ids => '{b}')").fetchone()[0]
         _, their_grant = admin.execute(
             "SELECT execution_id, grant_key FROM ff_claim_for_worker('sec', 'other', 'other-1')").fetchone()
-        admin.execute("SELECT ff_create_budget('b', '{t}', '{10}', '{0}')")
+        queued = admin.execute("SELECT ff_create_execution('sec-later', budget_ids => '{b}')").fetchone()[0]
     with cluster.connect(db, user=worker) as w:
         eid, grant = w.execute("SELECT execution_id, grant_key FROM ff_claim_for_worker('sec', 'w', 'w-1')").fetchone()
         assert eid == mine
@@ -38,6 +42,17 @@ def test_worker_role_can_work_but_not_read_secrets_or_write_tables(cluster, db):
         w.execute("SELECT ff_renew_lease(%s, %s, 5000)", (eid, grant))
         w.execute("SELECT * FROM ff_record_spend('b', %s, '{\"t\": 3}', 'k')", (eid,))
         w.execute("SELECT * FROM ff_report_usage('b', '{\"t\": 1}')")
+        # Worker calls touch only what they name and hold: no budget is
+        # created by reporting to it, no spend lands on made-up or foreign work.
+        with pytest.raises(psycopg.errors.NoDataFound, match="made-up"):
+            w.execute("SELECT * FROM ff_report_usage('made-up', '{\"t\": 1}')")
+        with pytest.raises(psycopg.errors.NoDataFound):
+            w.execute("SELECT * FROM ff_record_spend('b', %s, '{\"t\": 1}', 'k2')",
+                      ("{fp:7}:" + str(uuid.uuid4()),))
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="does not name budget"):
+            w.execute("SELECT * FROM ff_record_spend('other-b', %s, '{\"t\": 1}', 'k3')", (eid,))
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
+            w.execute("SELECT * FROM ff_record_spend('b', %s, '{\"t\": 1}', 'k4')", (queued,))
         assert w.execute("SELECT ff_get_execution(%s) ->> 'public_state'", (eid,)).fetchone()[0] == "active"
         # No secrets, no tables, no admin functions.
         for sql in ["SELECT secret FROM ff_waitpoint_hmac", "SELECT * FROM ff_exec_core",
@@ -60,6 +75,9 @@ def test_worker_role_can_work_but_not_read_secrets_or_write_tables(cluster, db):
     with cluster.connect(db) as admin:
         assert admin.execute("SELECT public_state FROM ff_exec_core WHERE current_worker_id = 'other'").fetchone()[0] \
             == "active"
+        assert admin.execute("SELECT count(*) FROM ff_budget_usage WHERE budget_id = 'made-up'").fetchone()[0] == 0
+        assert admin.execute("SELECT ff_get_budget_status('b') -> 'usage' ->> 't'").fetchone()[0] == "4"
+        assert admin.execute("SELECT ff_get_budget_status('other-b') -> 'usage' ->> 't'").fetchone()[0] == "0"
 
 
 def test_admin_role_manages_but_cannot_read_secrets_or_write_tables(cluster, db):
@@ -69,6 +87,10 @@ def test_admin_role_manages_but_cannot_read_secrets_or_write_tables(cluster, db)
         a.execute("SELECT ff_create_quota_policy('q', 60, 10, 1)")
         flow, ids = build_flow(a, "adm", 2, [(0, 1)])
         a.execute("SELECT ff_rotate_hmac_secret('admin-rotated')")
+        # Choosing the secret is for the superuser only.
+        denied(a, "SELECT ff_rotate_hmac_secret('admin-chosen', '\\x00112233445566778899aabbccddeeff')")
+        assert a.execute("SELECT ff_verify_grant('pg:{fp:1}:' || gen_random_uuid() || ':1:admin-rotated:00')"
+                         ).fetchone()[0] in ("malformed", "expired", "unknown_grant", "signature_mismatch")
         a.execute("SELECT ff_run_reconcilers()")
         assert a.execute("SELECT count(*) FROM ff_exec_core").fetchone()[0] == 2
         assert a.execute("SELECT count(*) FROM ff_queue_depth").fetchone()[0] >= 1
@@ -82,10 +104,27 @@ def test_admin_role_manages_but_cannot_read_secrets_or_write_tables(cluster, db)
 def test_public_gets_nothing(cluster, db):
     nobody = login(cluster, "ff_test_nobody")
     with cluster.connect(db, user=nobody) as n:
-        for sql in ["SELECT * FROM ff_claim_for_worker('l', 'w', 'i')", "SELECT ff_create_execution('l')",
-                    "SELECT * FROM ff_report_usage('b', '{}')", "SELECT * FROM ff_budget_policy",
-                    "SELECT * FROM ff_waitpoint_hmac", "SELECT ff_get_execution('x')"]:
+        for sql in ["SELECT * FROM flowfabric.ff_claim_for_worker('l', 'w', 'i')",
+                    "SELECT flowfabric.ff_create_execution('l')",
+                    "SELECT * FROM flowfabric.ff_report_usage('b', '{}')", "SELECT * FROM flowfabric.ff_budget_policy",
+                    "SELECT * FROM flowfabric.ff_waitpoint_hmac", "SELECT flowfabric.ff_get_execution('x')",
+                    "CREATE TABLE flowfabric.planted (x int)"]:
             denied(n, sql)
+
+
+def test_the_schema_is_the_superusers_and_nobody_else_may_create_in_it(cluster, db):
+    owner = login(cluster, "ff_test_dbowner")
+    with cluster.connect(db) as c:
+        c.execute(f'ALTER DATABASE "{db}" OWNER TO ff_test_dbowner')
+        nsp_owner, acl = c.execute("SELECT nspowner::regrole::text, nspacl::text FROM pg_namespace "
+                                   "WHERE nspname = 'flowfabric'").fetchone()
+        assert nsp_owner == "postgres"
+        for entry in acl.strip("{}").split(","):
+            grantee, privileges = entry.split("=", 1)
+            assert grantee == "postgres" or "C" not in privileges.split("/")[0], acl
+    with cluster.connect(db, user=owner) as o:
+        denied(o, "CREATE FUNCTION flowfabric.ff_now() RETURNS int LANGUAGE sql AS 'SELECT 1'")
+        denied(o, "CREATE TABLE flowfabric.ff_exec_core_shadow (x int)")
 
 
 def test_security_definer_functions_pin_search_path(conn):
@@ -99,74 +138,7 @@ def test_security_definer_functions_pin_search_path(conn):
         if name == "ff_lane_channel":
             continue
         assert secdef, name
-        assert any(c.startswith("search_path=") and c.endswith("pg_temp") for c in config or []), (name, config)
-
-
-CATALOG = """
-WITH members AS (
-    SELECT d.classid, d.objid FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
-    WHERE e.extname = 'flowfabric' AND d.deptype = 'e')
-SELECT string_agg(line, E'\\n' ORDER BY line) FROM (
-    SELECT 'fn ' || p.oid::regprocedure || ' ' || md5(pg_get_functiondef(p.oid)) || ' ' || coalesce(p.proacl::text, '')
-    FROM pg_proc p JOIN members m ON m.classid = 'pg_proc'::regclass AND m.objid = p.oid
-    UNION ALL
-    SELECT 'rel ' || c.relname || ' ' || c.relkind::text || ' ' || coalesce(c.relacl::text, '') || ' ' || coalesce(c.reloptions::text, '')
-    FROM pg_class c JOIN members m ON m.classid = 'pg_class'::regclass AND m.objid = c.oid
-    UNION ALL
-    SELECT 'col ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod) || ' '
-           || a.attnotnull || ' ' || coalesce(pg_get_expr(ad.adbin, ad.adrelid), '') || ' ' || a.attidentity::text
-    FROM pg_class c JOIN members m ON m.classid = 'pg_class'::regclass AND m.objid = c.oid
-    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-    LEFT JOIN pg_attrdef ad ON ad.adrelid = c.oid AND ad.adnum = a.attnum
-    UNION ALL
-    SELECT 'idx ' || pg_get_indexdef(i.indexrelid)
-    FROM pg_index i JOIN members m ON m.classid = 'pg_class'::regclass AND m.objid = i.indrelid
-    UNION ALL
-    SELECT 'con ' || conrelid::regclass || ' ' || pg_get_constraintdef(co.oid)
-    FROM pg_constraint co JOIN members m ON m.classid = 'pg_class'::regclass AND m.objid = co.conrelid
-    UNION ALL
-    SELECT 'trg ' || pg_get_triggerdef(t.oid)
-    FROM pg_trigger t JOIN members m ON m.classid = 'pg_class'::regclass AND m.objid = t.tgrelid
-    WHERE NOT t.tgisinternal
-    UNION ALL
-    SELECT 'view ' || c.relname || ' ' || md5(pg_get_viewdef(c.oid))
-    FROM pg_class c JOIN members m ON m.classid = 'pg_class'::regclass AND m.objid = c.oid WHERE c.relkind = 'v'
-    UNION ALL
-    SELECT 'dump ' || string_agg(cfg::regclass::text, ',' ORDER BY cfg::regclass::text)
-    FROM pg_extension, unnest(extconfig) cfg WHERE extname = 'flowfabric'
-) lines(line)
-"""
-
-
-def test_upgrade_from_the_first_release_keeps_data_and_matches_a_fresh_install(cluster):
-    with cluster.connect() as c:
-        for name in ("up_old", "up_fresh"):
-            c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            c.execute(f"CREATE DATABASE {name}")
-    with cluster.connect("up_old") as c:
-        c.execute("CREATE EXTENSION flowfabric VERSION '0.1.0'")
-        c.execute("SELECT ff_create_budget('b', '{t}', '{100}', '{50}')")
-        c.execute("SELECT ff_report_usage('b', '{\"t\": 60}', 'd1')")
-        flow, ids = build_flow(c, "up", 3, [(0, 1), (1, 2)])
-        eid, grant = c.execute("SELECT execution_id, grant_key FROM ff_claim_for_worker('up', 'w', 'i')").fetchone()
-        before = {t: c.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                  for t in ("ff_exec_core", "ff_edge", "ff_edge_group", "ff_budget_usage", "ff_budget_usage_dedup",
-                            "ff_claim_grant", "ff_waitpoint_hmac", "ff_attempt")}
-        c.execute("ALTER EXTENSION flowfabric UPDATE")
-        assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'flowfabric'").fetchone()[0] == "0.2.0"
-        after = {t: c.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in before}
-        assert after == before
-        assert c.execute("SELECT ff_get_budget_status('b') -> 'usage' ->> 't'").fetchone()[0] == "60"
-        assert c.execute("SELECT outcome FROM ff_report_usage('b', '{\"t\": 60}', 'd1')").fetchone()[0] == "soft_breach"
-        # Work goes on across the upgrade: the grant issued by 0.1.0 completes and cascades.
-        assert eid == ids[0]
-        c.execute("SELECT ff_complete_execution(%s, %s)", (eid, grant))
-        assert c.execute("SELECT ff_get_execution(%s) ->> 'public_state'", (ids[1],)).fetchone()[0] == "waiting"
-        upgraded = c.execute(CATALOG).fetchone()[0]
-    with cluster.connect("up_fresh") as c:
-        c.execute("CREATE EXTENSION flowfabric")
-        fresh = c.execute(CATALOG).fetchone()[0]
-    assert upgraded == fresh
+        assert "search_path=flowfabric, pg_temp" in (config or []), (name, config)
 
 
 def run_pg(tool, *args):
@@ -184,7 +156,7 @@ def test_dump_and_restore_keep_all_engine_state(cluster, tmp_path):
         c.execute("SELECT ff_rotate_hmac_secret('second')")
         c.execute("SELECT ff_create_budget('b', '{t}', '{100}', '{0}', reset_interval_ms => 60000)")
         c.execute("SELECT ff_create_quota_policy('q', 60, 100, 10)")
-        flow, ids = build_flow(c, "dump", 3, [(0, 1), (1, 2)])
+        flow, ids = build_flow(c, "dump", 3, [(0, 1), (1, 2)], budget_ids=["b"])
         eid, grant = c.execute("SELECT execution_id, grant_key FROM ff_claim_for_worker('dump', 'w', 'i')").fetchone()
         c.execute("SELECT * FROM ff_record_spend('b', %s, '{\"t\": 7}', 'spend-1')", (eid,))
         done = c.execute("SELECT ff_create_execution('solo', quota_policy_id => 'q')").fetchone()[0]
