@@ -36,10 +36,27 @@ SELECT pg_catalog.pg_extension_config_dump('ff_reconciler_total', '');
 SELECT pg_catalog.pg_extension_config_dump('ff_exec_core_queue_seq_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ff_completion_event_event_id_seq', '');
 
--- The claim's pick is parameterised on the lane, the time and the worker's
--- capabilities; left alone, the plan cache re-plans it on every call. Its one
--- good plan is the ordered scan of ff_exec_core_claim_idx, so plan it once,
--- and never let a sort-based plan replace the index order.
+-- Every statement the functions run is written for one plan whatever its
+-- parameters (index lookups by key, arrays joined with = ANY so either side
+-- can drive). Left alone, the plan cache keeps re-planning statements whose
+-- custom plans look cheaper than the generic one (an unnest of a one-element
+-- array versus an unknown one), and a cascade then spends most of its time
+-- planning. So each function plans its statements once.
+DO $$
+DECLARE f regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+             JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                  AND d.objid = p.oid AND d.deptype = 'e'
+             JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'flowfabric'
+             WHERE p.prosecdef
+    LOOP
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s SET plan_cache_mode = force_generic_plan', f);
+    END LOOP;
+END $$;
+
+-- The claim's one good plan is the ordered scan of ff_exec_core_claim_idx:
+-- never let a sort-based plan replace the index order.
 ALTER FUNCTION ff_claim_for_worker(text, text, text, text[], bigint)
     SET plan_cache_mode = force_generic_plan SET enable_sort = off;
 ALTER FUNCTION ff_claim_batch(text[], text, text, text[], bigint, int)

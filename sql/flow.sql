@@ -73,6 +73,9 @@ CREATE TABLE ff_edge_group (
 );
 CREATE INDEX ff_edge_group_unsettled_idx ON ff_edge_group (flow_id)
     WHERE group_state <> 'pending' AND NOT settled;
+-- A downstream has one group. The cascade finds groups by downstream alone:
+-- given the flow too, the planner may walk the flow's whole key range.
+CREATE UNIQUE INDEX ff_edge_group_downstream_idx ON ff_edge_group (downstream_eid);
 
 CREATE TABLE ff_completion_event (
     event_id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

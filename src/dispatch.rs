@@ -182,11 +182,11 @@ pub fn count(c: &mut SpiClient<'_>, lock: &FlowLock, deltas: &BTreeMap<[u8; 16],
         c,
         "UPDATE ff_edge_group g SET pending_count = g.pending_count + d.p, running_count = g.running_count + d.r,
              success_count = g.success_count + d.s, fail_count = g.fail_count + d.f, skip_count = g.skip_count + d.k
-         FROM unnest($2::uuid[], $3::int[], $4::int[], $5::int[], $6::int[], $7::int[]) AS d(down, p, r, s, f, k)
-         WHERE g.flow_id = $1 AND g.downstream_eid = d.down AND g.downstream_eid = ANY ($2)
+         FROM unnest($1::uuid[], $2::int[], $3::int[], $4::int[], $5::int[], $6::int[]) AS d(down, p, r, s, f, k)
+         WHERE g.downstream_eid = d.down AND g.downstream_eid = ANY ($1)
          RETURNING g.downstream_eid, g.policy, g.pending_count, g.running_count, g.success_count, g.fail_count,
                    g.skip_count, g.group_state",
-        &[lock.id.into(), downs.into(), p.into(), r.into(), s.into(), f.into(), k.into()],
+        &[downs.into(), p.into(), r.into(), s.into(), f.into(), k.into()],
     )?;
     let mut decided = Vec::new();
     for row in t {
@@ -219,7 +219,7 @@ pub fn count(c: &mut SpiClient<'_>, lock: &FlowLock, deltas: &BTreeMap<[u8; 16],
 /// Carries out group decisions on their downstreams (and siblings), records
 /// each group's state, and marks it settled when nothing was left undone.
 /// Also what the repair reconciler calls for groups left unsettled.
-pub fn fire(c: &mut SpiClient<'_>, lock: &FlowLock, decided: &[(Uuid, Decision)], now: i64, ended: &mut Vec<Ended>) -> FfResult<()> {
+pub fn fire(c: &mut SpiClient<'_>, _lock: &FlowLock, decided: &[(Uuid, Decision)], now: i64, ended: &mut Vec<Ended>) -> FfResult<()> {
     if decided.is_empty() {
         return Ok(());
     }
@@ -247,8 +247,8 @@ pub fn fire(c: &mut SpiClient<'_>, lock: &FlowLock, decided: &[(Uuid, Decision)]
         let t = exec(
             c,
             "SELECT e.downstream_eid, e.upstream_eid FROM ff_edge e
-             WHERE e.flow_id = $1 AND e.downstream_eid = ANY($2) AND e.edge_state = 'applied' AND e.resolution IS NULL",
-            &[lock.id.into(), cancelling.into()],
+             WHERE e.downstream_eid = ANY($1) AND e.edge_state = 'applied' AND e.resolution IS NULL",
+            &[cancelling.into()],
         )?;
         let mut siblings: BTreeMap<[u8; 16], Vec<Uuid>> = BTreeMap::new();
         for row in t {
@@ -275,9 +275,9 @@ pub fn fire(c: &mut SpiClient<'_>, lock: &FlowLock, decided: &[(Uuid, Decision)]
     exec(
         c,
         "UPDATE ff_edge_group g SET group_state = d.state, settled = d.settled
-         FROM unnest($2::uuid[], $3::text[], $4::bool[]) AS d(down, state, settled)
-         WHERE g.flow_id = $1 AND g.downstream_eid = d.down AND g.downstream_eid = ANY ($2)",
-        &[lock.id.into(), downs.into(), states.into(), settled.into()],
+         FROM unnest($1::uuid[], $2::text[], $3::bool[]) AS d(down, state, settled)
+         WHERE g.downstream_eid = d.down AND g.downstream_eid = ANY ($1)",
+        &[downs.into(), states.into(), settled.into()],
     )?;
     Ok(())
 }
@@ -313,11 +313,11 @@ fn step(c: &mut SpiClient<'_>, lock: &FlowLock, wave: &[Ended], now: i64) -> FfR
     let t = exec(
         c,
         "UPDATE ff_edge e SET resolution = w.b
-         FROM unnest($2::uuid[], $3::text[]) AS w(u, b)
-         WHERE e.flow_id = $1 AND e.upstream_eid = w.u AND e.upstream_eid = ANY ($2)
+         FROM unnest($1::uuid[], $2::text[]) AS w(u, b)
+         WHERE e.upstream_eid = w.u AND e.upstream_eid = ANY ($1)
            AND e.edge_state = 'applied' AND e.resolution IS NULL
          RETURNING e.downstream_eid, e.resolution",
-        &[lock.id.into(), ups.into(), buckets.into()],
+        &[ups.into(), buckets.into()],
     )?;
     let mut deltas: BTreeMap<[u8; 16], (Uuid, Delta)> = BTreeMap::new();
     let mut resolved = 0;

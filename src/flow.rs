@@ -240,8 +240,10 @@ fn require_member(c: &mut SpiClient<'_>, flow: &Uuid, id: &ExecutionId) -> FfRes
 /// Would an edge `up -> down` close a cycle, i.e. is `up` reachable from
 /// `down`? Bidirectional breadth-first search over staged edges, always
 /// widening the smaller frontier, so both forward- and backward-built chains
-/// stay cheap; one query per level.
-fn closes_cycle(c: &mut SpiClient<'_>, flow: &Uuid, up: &Uuid, down: &Uuid) -> FfResult<bool> {
+/// stay cheap; one query per level. Edges never cross flows, so the lookups
+/// go by execution id alone (given the flow too, the planner may walk the
+/// flow's whole key range on every level).
+fn closes_cycle(c: &mut SpiClient<'_>, up: &Uuid, down: &Uuid) -> FfResult<bool> {
     let (mut fwd, mut back) = (vec![*down], vec![*up]);
     let mut seen_fwd: HashSet<[u8; 16]> = HashSet::from([*down.as_bytes()]);
     let mut seen_back: HashSet<[u8; 16]> = HashSet::from([*up.as_bytes()]);
@@ -254,11 +256,11 @@ fn closes_cycle(c: &mut SpiClient<'_>, flow: &Uuid, up: &Uuid, down: &Uuid) -> F
         let (frontier, seen, other) =
             if forward { (&mut fwd, &mut seen_fwd, &seen_back) } else { (&mut back, &mut seen_back, &seen_fwd) };
         let sql = if forward {
-            "SELECT DISTINCT downstream_eid FROM ff_edge WHERE flow_id = $1 AND upstream_eid = ANY($2)"
+            "SELECT DISTINCT downstream_eid FROM ff_edge WHERE upstream_eid = ANY($1)"
         } else {
-            "SELECT DISTINCT upstream_eid FROM ff_edge WHERE flow_id = $1 AND downstream_eid = ANY($2)"
+            "SELECT DISTINCT upstream_eid FROM ff_edge WHERE downstream_eid = ANY($1)"
         };
-        let t = exec(c, sql, &[(*flow).into(), std::mem::take(frontier).into()])?;
+        let t = exec(c, sql, &[std::mem::take(frontier).into()])?;
         for row in t {
             let Some(node) = row.get::<Uuid>(1)? else { continue };
             if other.contains(node.as_bytes()) {
@@ -322,7 +324,7 @@ pub fn stage_edge(e: &NewEdge) -> FfResult<i64> {
         }
         let (up, down) = (pg_uuid(&e.upstream.uuid), pg_uuid(&e.downstream.uuid));
         refuse_fired(group_state(c, &e.flow, &down)?.as_ref(), &e.downstream)?;
-        if closes_cycle(c, &e.flow, &up, &down)? {
+        if closes_cycle(c, &up, &down)? {
             return Err(FfError::invalid(format!(
                 "edge {} from {} to {} would close a cycle in flow {}",
                 e.edge, e.upstream, e.downstream, e.flow

@@ -208,6 +208,7 @@ WHERE e.edge_state = 'pending'
 GROUP BY e.flow_id, e.downstream_eid;
 CREATE INDEX ff_edge_group_unsettled_idx ON ff_edge_group (flow_id)
     WHERE group_state <> 'pending' AND NOT settled;
+CREATE UNIQUE INDEX ff_edge_group_downstream_idx ON ff_edge_group (downstream_eid);
 
 DROP INDEX ff_completion_event_execution_idx;
 
