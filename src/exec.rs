@@ -522,6 +522,46 @@ pub fn check_references(c: &mut SpiClient<'_>, o: &Options) -> FfResult<()> {
 /// execution on the lane, gets that execution's id instead of a new one.
 /// Lanes that got claimable work are notified.
 pub fn create(c: &mut SpiClient<'_>, rows: &[NewRow<'_>], namespace: Option<&str>) -> FfResult<Vec<ExecutionId>> {
+    let mut out: Vec<Option<ExecutionId>> = insert_rows(c, rows, namespace)?;
+    // A row skipped for a unique key whose live holder ended before we could
+    // read it (its completion committed between our insert and our lookup)
+    // has nothing to return: insert it again. Each round either creates it or
+    // finds a live holder, unless holders keep ending that fast.
+    for _ in 0..UNIQUE_KEY_ROUNDS {
+        let again: Vec<usize> = (0..rows.len()).filter(|&i| out[i].is_none()).collect();
+        if again.is_empty() {
+            break;
+        }
+        let retried: Vec<NewRow<'_>> = again.iter().map(|&i| rows[i]).collect();
+        for (i, id) in again.into_iter().zip(insert_rows(c, &retried, namespace)?) {
+            out[i] = id;
+        }
+    }
+    out.into_iter()
+        .zip(rows)
+        .map(|(id, r)| {
+            id.ok_or_else(|| {
+                FfError::duplicate(format!(
+                    "execution of lane \"{}\" could not be created: {}",
+                    clip(&r.options.lane_id),
+                    match (r.execution_id, &r.node_name) {
+                        (Some(uuid), _) => format!("its id {uuid} collides with an existing row"),
+                        (None, Some(name)) => format!("node name \"{}\" is already used in its flow", clip(name)),
+                        (None, None) => "its unique key's holders kept ending while it was created; retry".to_string(),
+                    }
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Rounds of re-inserting rows whose unique-key holder ended meanwhile.
+const UNIQUE_KEY_ROUNDS: usize = 3;
+
+/// One INSERT of `rows`: the id of each row created or of the execution it
+/// collided with (same id, or the live holder of its unique key); `None`
+/// when the collision is gone by the time it is looked up.
+fn insert_rows(c: &mut SpiClient<'_>, rows: &[NewRow<'_>], namespace: Option<&str>) -> FfResult<Vec<Option<ExecutionId>>> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }
@@ -624,7 +664,7 @@ pub fn create(c: &mut SpiClient<'_>, rows: &[NewRow<'_>], namespace: Option<&str
     let mut out = Vec::with_capacity(rows.len());
     for (i, uuid) in uuids.iter().enumerate() {
         match created.get(uuid.as_bytes()) {
-            Some(partition) => out.push(ExecutionId { partition: *partition, uuid: *uuid }),
+            Some(partition) => out.push(Some(ExecutionId { partition: *partition, uuid: *uuid })),
             None => out.push(existing(c, uuid, &cols.lanes[i], cols.unique_keys[i].as_deref())?),
         }
     }
@@ -665,7 +705,7 @@ struct Columns {
 
 /// The execution a skipped insert collided with: the same id, or the live
 /// execution holding the unique key.
-fn existing(c: &mut SpiClient<'_>, uuid: &uuid::Uuid, lane: &str, unique_key: Option<&str>) -> FfResult<ExecutionId> {
+fn existing(c: &mut SpiClient<'_>, uuid: &uuid::Uuid, lane: &str, unique_key: Option<&str>) -> FfResult<Option<ExecutionId>> {
     let t = exec(
         c,
         "SELECT execution_id, partition_key FROM ff_exec_core WHERE execution_id = $1
@@ -675,10 +715,8 @@ fn existing(c: &mut SpiClient<'_>, uuid: &uuid::Uuid, lane: &str, unique_key: Op
          LIMIT 1",
         &[pg_uuid(uuid).into(), lane.into(), unique_key.into()],
     )?;
-    let row = first_row(t).ok_or_else(|| {
-        FfError::duplicate(format!("execution {uuid} collides with an existing row (a node name already used in its flow?)"))
-    })?;
-    Ok(ExecutionId { uuid: from_pg_uuid(&col_req(&row, 1)?), partition: col_req(&row, 2)? })
+    let Some(row) = first_row(t) else { return Ok(None) };
+    Ok(Some(ExecutionId { uuid: from_pg_uuid(&col_req(&row, 1)?), partition: col_req(&row, 2)? }))
 }
 
 // ---------------------------------------------------------------------------
