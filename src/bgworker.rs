@@ -16,7 +16,6 @@ use pgrx::bgworkers::{
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::time::Duration;
 
 /// Registers the launcher; only possible while shared_preload_libraries load.
@@ -38,10 +37,35 @@ fn interval() -> Duration {
     Duration::from_millis(guc::RECONCILER_INTERVAL_MS.get().max(10) as u64)
 }
 
-/// Whether a database of that name exists (reads the shared catalog).
-fn database_exists(name: &str) -> bool {
-    let Ok(name) = CString::new(name) else { return false };
-    BackgroundWorker::transaction(|| unsafe { pg_sys::get_database_oid(name.as_ptr(), true) } != pg_sys::InvalidOid)
+/// The names of the databases that accept connections. The launcher is
+/// connected to no database, so it reads the shared catalog pg_database with
+/// a plain heap scan, as PostgreSQL's own autovacuum launcher does: a lookup
+/// through its name index could need pg_class, which only a connection to a
+/// database can read (right after a start, before the shared relation cache
+/// is written, that failed with FATAL).
+fn database_names() -> Vec<String> {
+    BackgroundWorker::transaction(|| unsafe {
+        // SAFETY: pg_database is a shared, always-built catalog relation;
+        // the scan runs inside a transaction, and every tuple it returns is
+        // a pg_database row, read only before the next heap_getnext.
+        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, lock);
+        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+        let mut names = Vec::new();
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple);
+            if (*form).datallowconn {
+                names.push(std::ffi::CStr::from_ptr((*form).datname.data.as_ptr()).to_string_lossy().into_owned());
+            }
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::table_close(rel, lock);
+        names
+    })
 }
 
 fn launch(db: &str) -> Option<DynamicBackgroundWorker> {
@@ -69,13 +93,14 @@ pub extern "C-unwind" fn ff_launcher_main(_arg: pg_sys::Datum) {
             // SAFETY: the documented way for a worker to apply a reload.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
+        let mut existing: Option<Vec<String>> = None;
         for db in guc::databases() {
             let alive = running.get(&db).is_some_and(|w| !matches!(w.pid(), Err(BackgroundWorkerStatus::Stopped)));
             if alive {
                 continue;
             }
             running.remove(&db);
-            if !database_exists(&db) {
+            if !existing.get_or_insert_with(database_names).contains(&db) {
                 if !waiting_logged.contains(&db) {
                     log!("flowfabric launcher: database \"{db}\" does not exist yet; waiting for it");
                     waiting_logged.push(db);
