@@ -92,3 +92,7 @@ CREATE TABLE ff_completion_event (
 );
 CREATE INDEX ff_completion_event_pending_idx ON ff_completion_event (event_id)
     WHERE dispatched_at_ms IS NULL;
+-- A flow member's event is deleted with its flow (retention), found by flow.
+-- Partial, so solo completions (the hot path) do not maintain it.
+CREATE INDEX ff_completion_event_flow_idx ON ff_completion_event (flow_id)
+    WHERE flow_id IS NOT NULL;

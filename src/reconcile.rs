@@ -253,10 +253,11 @@ fn purge_expired_grants(c: &mut SpiClient<'_>) -> FfResult<Value> {
     Ok(json!({"purged": purged}))
 }
 
-/// Deletes what finished longer than `flowfabric.retention_s` ago: old
-/// dispatched completion events (oldest first) and the solo executions they
-/// ended, with their attempts and ledgers; and flows that reached a
-/// terminal state that long ago, with all their members.
+/// Deletes what finished longer than `flowfabric.retention_s` ago: solo
+/// executions with their completion event, attempts and ledgers (oldest
+/// event first), and flows that reached a terminal state that long ago, with
+/// all their members and their members' events. An event goes only with its
+/// execution, so every terminal execution that exists keeps its event.
 fn purge_retired(c: &mut SpiClient<'_>) -> FfResult<Value> {
     let retention = crate::guc::retention_ms();
     if retention <= 0 {
@@ -265,17 +266,16 @@ fn purge_retired(c: &mut SpiClient<'_>) -> FfResult<Value> {
     let cutoff = now_ms() - retention;
     let t = exec(
         c,
-        "WITH ev AS (
-             DELETE FROM ff_completion_event WHERE event_id = ANY (ARRAY(
-                 SELECT event_id FROM ff_completion_event
-                 WHERE dispatched_at_ms IS NOT NULL AND occurred_at_ms < $1
-                 ORDER BY event_id LIMIT $2 FOR UPDATE SKIP LOCKED))
-             RETURNING execution_id, flow_id),
+        "WITH old AS (
+             SELECT event_id, execution_id FROM ff_completion_event
+             WHERE dispatched_at_ms IS NOT NULL AND occurred_at_ms < $1 AND flow_id IS NULL
+             ORDER BY event_id LIMIT $2 FOR UPDATE SKIP LOCKED),
          victims AS (
-             SELECT x.execution_id FROM ff_exec_core x JOIN ev ON ev.execution_id = x.execution_id
-             WHERE ev.flow_id IS NULL AND x.flow_id IS NULL AND x.lifecycle_phase = 'terminal'
-               AND x.terminal_at_ms < $1
+             SELECT x.execution_id FROM ff_exec_core x JOIN old ON old.execution_id = x.execution_id
+             WHERE x.flow_id IS NULL AND x.lifecycle_phase = 'terminal'
              FOR UPDATE OF x SKIP LOCKED),
+         ev AS (DELETE FROM ff_completion_event e USING old, victims v
+                WHERE e.event_id = old.event_id AND old.execution_id = v.execution_id RETURNING 1),
          led AS (DELETE FROM ff_budget_usage_by_exec l USING victims v WHERE l.execution_id = v.execution_id),
          att AS (DELETE FROM ff_attempt a USING victims v WHERE a.execution_id = v.execution_id),
          gone AS (DELETE FROM ff_exec_core x USING victims v WHERE x.execution_id = v.execution_id RETURNING 1)
@@ -292,6 +292,7 @@ fn purge_retired(c: &mut SpiClient<'_>) -> FfResult<Value> {
              WHERE public_flow_state <> 'open' AND terminal_at_ms < $1
              ORDER BY terminal_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED),
          members AS (DELETE FROM ff_exec_core x USING done d WHERE x.flow_id = d.flow_id RETURNING x.execution_id),
+         events AS (DELETE FROM ff_completion_event e USING done d WHERE e.flow_id = d.flow_id),
          led AS (DELETE FROM ff_budget_usage_by_exec l USING members m WHERE l.execution_id = m.execution_id),
          att AS (DELETE FROM ff_attempt a USING members m WHERE a.execution_id = m.execution_id),
          gone AS (DELETE FROM ff_flow_core f USING done d WHERE f.flow_id = d.flow_id RETURNING 1)

@@ -211,6 +211,8 @@ CREATE INDEX ff_edge_group_unsettled_idx ON ff_edge_group (flow_id)
 CREATE UNIQUE INDEX ff_edge_group_downstream_idx ON ff_edge_group (downstream_eid);
 
 DROP INDEX ff_completion_event_execution_idx;
+CREATE INDEX ff_completion_event_flow_idx ON ff_completion_event (flow_id)
+    WHERE flow_id IS NOT NULL;
 
 -- New in 0.3.0: schedules and counters.
 CREATE TABLE ff_schedule (
