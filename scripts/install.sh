@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the extension and installs it into the system PostgreSQL 15, with
-# the archived install scripts of earlier versions so they can be created
-# and upgraded from. Pass --release for an optimised build. PG_CONFIG picks
+# the upgrade scripts from earlier versions (install scripts of earlier
+# versions are not installed: this library cannot run them, and databases
+# on them upgrade in place). Pass --release for an optimised build. PG_CONFIG picks
 # another PostgreSQL installation (the default is the system one).
 #
 # A running server keeps the old library mapped, so nothing is written over
@@ -46,4 +47,11 @@ done
 pkglibdir="$("$PG_CONFIG" --pkglibdir)"
 extdir="$("$PG_CONFIG" --sharedir)/extension"
 for f in "$out$pkglibdir"/*; do install_atomically "$f" "$pkglibdir"; done
-for f in "$out$extdir"/* sql/archive/flowfabric--*.sql; do install_atomically "$f" "$extdir"; done
+for f in "$out$extdir"/*; do install_atomically "$f" "$extdir"; done
+# Install scripts of earlier versions left by an older install.sh.
+for f in "$extdir"/flowfabric--*.sql; do
+  case "$(basename "$f")" in
+    flowfabric--"$version".sql|flowfabric--*--*.sql) ;;
+    *) $SUDO rm -f "$f" ;;
+  esac
+done

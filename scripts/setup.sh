@@ -11,9 +11,12 @@ SUDO=""
 
 need_pkgs=()
 for p in postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang sudo \
-         postgresql-$PG_MAJOR-cron postgresql-contrib python3-psycopg python3-pytest; do
+         postgresql-$PG_MAJOR-cron postgresql-contrib python3-psycopg python3-pytest \
+         postgresql-$PG_MAJOR-plproxy dpkg-dev binutils; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
+# plproxy: the router of scripts/scale-demo.sh; dpkg-dev and binutils:
+# scripts/package.sh (dpkg-parsechangelog, strip).
 # The Node example worker needs node and npm; a machine may have them already.
 command -v node >/dev/null && command -v npm >/dev/null || need_pkgs+=(nodejs npm)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
