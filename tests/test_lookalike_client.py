@@ -129,7 +129,7 @@ SQL_LIKE = re.compile(
 def extension_sql():
     """[(file, sql)] for the SQL the extension runs: SQL-like string literals
     of src/**/*.rs (unit-test modules and src/pg_tests left out) and the
-    schema scripts sql/*.sql (sql/archive and upgrade scripts left out:
+    schema scripts sql/*.sql (upgrade scripts left out:
     CREATE EXTENSION of the current version never runs them)."""
     pieces = []
     for path in sorted(glob.glob(os.path.join(ROOT, "src", "**", "*.rs"), recursive=True)):
