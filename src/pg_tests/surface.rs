@@ -256,8 +256,14 @@ mod tests {
         let made: i64 = one("SELECT count(*) FROM ff_exec_core WHERE lane_id = 'sched'").unwrap();
         let distinct: i64 = one("SELECT count(DISTINCT unique_key) FROM ff_exec_core WHERE lane_id = 'sched'").unwrap();
         assert_eq!(made, distinct);
+        // A second pass creates only what fell due since (a new second may
+        // have begun on a slow machine), never a due time again.
         let again: pgrx::JsonB = one("SELECT ff_run_reconcilers()").unwrap();
-        assert_eq!(again.0["schedules"]["created"], 0, "nothing is due twice");
+        let more = again.0["schedules"]["created"].as_i64().unwrap();
+        assert!(more <= 2, "{}", again.0);
+        let made_now: i64 = one("SELECT count(*) FROM ff_exec_core WHERE lane_id = 'sched'").unwrap();
+        let distinct_now: i64 = one("SELECT count(DISTINCT unique_key) FROM ff_exec_core WHERE lane_id = 'sched'").unwrap();
+        assert_eq!((made_now, distinct_now), (made + more, made + more), "nothing is due twice");
         Spi::run("SET LOCAL flowfabric.schedule_catchup = 2").unwrap();
         Spi::run("UPDATE ff_schedule SET next_due_at_ms = next_due_at_ms - 60000").unwrap();
         let capped: pgrx::JsonB = one("SELECT ff_run_reconcilers()").unwrap();
