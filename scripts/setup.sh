@@ -33,7 +33,12 @@ fi
 # pgrx reads its config from PGRX_HOME; keep it in the repo and point it at the
 # system server so `cargo pgrx init` downloads nothing.
 export PGRX_HOME="$PWD/pgrx-config"
-cargo pgrx init --pg$PG_MAJOR "/usr/lib/postgresql/$PG_MAJOR/bin/pg_config" >/dev/null
+# Only when the config is missing or different: rewriting it (even with the
+# same content) makes cargo rebuild pgrx and the extension.
+want="pg$PG_MAJOR = \"/usr/lib/postgresql/$PG_MAJOR/bin/pg_config\""
+if ! grep -qxF "$want" "$PGRX_HOME/config.toml" 2>/dev/null; then
+  cargo pgrx init --pg$PG_MAJOR "/usr/lib/postgresql/$PG_MAJOR/bin/pg_config" >/dev/null
+fi
 
 # The server runs as postgres (initdb refuses root); let it read the build tree.
 chmod o+rx "$PWD" 2>/dev/null || true
