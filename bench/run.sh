@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # flowfabric benchmark: one command from a fresh clone to bench/RESULTS.md.
-#   bench/run.sh                  full run (~15-20 min, plus the first release build)
-#   BENCH_QUICK=1 bench/run.sh    short run (~3-4 min)
+#   bench/run.sh                  full run (~30 min on a quiet 2-core machine, plus the release build)
+#   BENCH_QUICK=1 bench/run.sh    short run, same code path, smaller sizes (~10-15 min)
+#
+# pgmq (for its comparison) is loaded at run time from the SQL-only install
+# script that the PyPI package `pgmq` carries (`pip download`, cached in
+# target/bench-pgmq); without it that section is skipped with a note.
 #
 # It uses its own copy of PostgreSQL 15 (target/bench-pg), so reinstalling a
 # debug build into the system server while it runs changes nothing here, and
@@ -12,7 +16,7 @@ cd "$(dirname "$0")/.."
 ROOT="$PWD"
 PG_MAJOR=15
 export BENCH_PG_PREFIX="${BENCH_PG_PREFIX:-$ROOT/target/bench-pg}"
-export BENCH_PORT="${BENCH_PORT:-54350}"
+export BENCH_PORT="${BENCH_PORT:-54351}"
 PGBIN="$BENCH_PG_PREFIX/lib/postgresql/$PG_MAJOR/bin"
 PY=/usr/bin/python3
 
@@ -52,6 +56,12 @@ CARGO_TARGET_DIR="$ROOT/target/bench-build" \
   cargo pgrx install --release --pg-config "$PGBIN/pg_config" >"$ROOT/target/bench-build.log" 2>&1 \
   || { tail -30 "$ROOT/target/bench-build.log"; exit 1; }
 export BENCH_BUILD_INFO="release build (cargo pgrx install --release, opt-level 3, thin LTO)"
+
+# The worker-pool load driver (C, libpq): one thread and connection per worker.
+echo "bench: building the load driver (bench/ffdrive.c)"
+mkdir -p "$ROOT/target/bench-driver"
+cc -O2 -Wall -o "$ROOT/target/bench-driver/ffdrive" bench/ffdrive.c \
+  -I"$(/usr/lib/postgresql/$PG_MAJOR/bin/pg_config --includedir)" -lpq -lpthread
 
 "$PY" bench/bench.py
 "$PY" bench/report.py

@@ -1,1 +1,1 @@
-SELECT ff_lane_channel('x');
+SELECT flowfabric.ff_lane_channel('x');

@@ -1,2 +1,2 @@
 \set b random(1, :budgets)
-SELECT * FROM ff_report_usage('b' || :b, '{"tokens": 1}');
+SELECT * FROM flowfabric.ff_report_usage('b' || :b, '{"tokens": 1}');

@@ -1,0 +1,1 @@
+UPDATE bench_capq SET state = 'leased', worker = 'w' || :client_id, lease_until = bench_now_ms() + 30000 WHERE id = (SELECT id FROM bench_capq WHERE lane = :lane AND state = 'ready' AND caps <@ :caps::text[] ORDER BY priority DESC, created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id;

@@ -1,0 +1,1 @@
+SELECT flowfabric.ff_create_execution(:lane, '{"n": 1}');

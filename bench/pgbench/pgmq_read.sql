@@ -1,0 +1,1 @@
+SELECT msg_id FROM pgmq.read('bench', 30, 1);

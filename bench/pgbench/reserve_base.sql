@@ -1,0 +1,1 @@
+WITH c AS (UPDATE bench_queue SET state = 'leased', worker = 'w' || :client_id, lease_until = bench_now_ms() + 30000 WHERE id = (SELECT id FROM bench_queue WHERE lane = :lane AND state = 'ready' ORDER BY priority DESC, created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id) UPDATE bench_counter SET v = v + 1 FROM c WHERE bench_counter.id = 1 AND v + 1 <= lim RETURNING c.id;
