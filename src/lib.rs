@@ -54,6 +54,6 @@ pub mod pg_test {
     /// Tests call the API unqualified, as a client with `flowfabric` on its
     /// search_path does.
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec!["search_path = 'flowfabric, public'"]
+        vec!["search_path = 'flowfabric'"]
     }
 }
