@@ -218,8 +218,10 @@ pub fn count(c: &mut SpiClient<'_>, lock: &FlowLock, deltas: &BTreeMap<[u8; 16],
 
 /// Carries out group decisions on their downstreams (and siblings), records
 /// each group's state, and marks it settled when nothing was left undone.
-/// Also what the repair reconciler calls for groups left unsettled.
-pub fn fire(c: &mut SpiClient<'_>, _lock: &FlowLock, decided: &[(Uuid, Decision)], now: i64, ended: &mut Vec<Ended>) -> FfResult<()> {
+/// Also what the repair reconciler calls for groups left unsettled. Its
+/// statements go by execution id alone; `_held` is there so that only a
+/// caller holding the flow (the lock order's second step) can call it.
+pub fn fire(c: &mut SpiClient<'_>, _held: &FlowLock, decided: &[(Uuid, Decision)], now: i64, ended: &mut Vec<Ended>) -> FfResult<()> {
     if decided.is_empty() {
         return Ok(());
     }
