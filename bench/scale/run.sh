@@ -8,20 +8,8 @@
 # run as postgres, always stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
-
-# scripts/setup.sh installs the toolchain and server; it also re-runs `cargo
-# pgrx init`, which rewrites pgrx-config/config.toml and makes cargo rebuild
-# pgrx and the extension (minutes), so run it only when something is missing.
-if ! [ -x /usr/lib/postgresql/15/bin/pg_config ] || ! [ -f pgrx-config/config.toml ] \
-   || ! /usr/bin/python3 -c 'import psycopg' 2>/dev/null || ! cargo pgrx --version 2>/dev/null | grep -q 0.18.0; then
-  bash scripts/setup.sh
-fi
-if ! dpkg-query -W -f='${Status}' postgresql-15-plproxy 2>/dev/null | grep -q "install ok installed"; then
-  $SUDO apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q postgresql-15-plproxy >/dev/null
-fi
+# Toolchain, server and PL/Proxy (scripts/setup.sh skips what is there).
+bash scripts/setup.sh
 bash scripts/install.sh --release
 
 stop_all() {
