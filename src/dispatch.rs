@@ -363,22 +363,24 @@ fn run_waves(lock: &mut FlowLock, mut wave: Vec<Ended>, now: i64) -> FfResult<i3
 /// by a cancel) and, for a flow member, runs its cascade under the flow's
 /// lock. A member of a flow being cancelled cannot complete or fail: its
 /// lease is as good as stale (55000) and it ends cancelled.
+///
+/// The execution's own rows are ended before the flow row is taken: they
+/// belong to the execution alone (lock order 1), and every completion of a
+/// flow's members queues on its flow row until commit, so only the edge and
+/// group work stays inside that queue. An edge applied in between reads the
+/// upstream as still live and is resolved by this cascade, whose statements
+/// start after the flow row is granted (READ COMMITTED sees the edge).
 pub fn end_held(c: &mut SpiClient<'_>, uuid: &Uuid, flow: Option<Uuid>, ending: &Ending<'_>, now: i64) -> FfResult<()> {
-    let lock = match flow {
-        Some(f) => flow::lock(c, &f, Wait::Yes)?,
-        None => None,
-    };
-    let Some(mut lock) = lock else {
-        exec::finish(c, &[*uuid], ending, Wait::Held, now)?;
-        return Ok(());
-    };
+    let ended = exec::finish(c, &[*uuid], ending, Wait::Held, now)?;
+    let Some(f) = flow else { return Ok(()) };
+    let Some(mut lock) = flow::lock(c, &f, Wait::Yes)? else { return Ok(()) };
     if lock.cancel_requested && ending.outcome != Outcome::Cancelled {
+        // Raising undoes the ending above with the rest of the statement.
         return Err(FfError::wrong_state(format!(
             "flow {} is being cancelled; execution {uuid} will end cancelled",
             lock.id
         )));
     }
-    let ended = exec::finish(c, &[*uuid], ending, Wait::Held, now)?;
     cascade(&mut lock, ended, now)?;
     flow::release(c, lock, now)
 }
