@@ -775,7 +775,11 @@ pub fn lease(
          g AS (
              INSERT INTO ff_claim_grant (grant_id, partition_key, execution_id, worker_id, worker_instance_id,
                  lane_id, kid, grant_ttl_ms, issued_at_ms, expires_at_ms)
-             SELECT e.grant_id, e.partition_key, e.execution_id, $3, $4, e.lane_id, $7, $8, $5, $6 FROM e)
+             SELECT e.grant_id, e.partition_key, e.execution_id, $3, $4, e.lane_id, $7, $8, $5, $6 FROM e),
+         m AS (
+             INSERT INTO ff_lane_counter AS c (lane_id, slot, claimed)
+             SELECT lane_id, $9, count(*) FROM e WHERE $9 IS NOT NULL GROUP BY lane_id
+             ON CONFLICT (lane_id, slot) DO UPDATE SET claimed = c.claimed + EXCLUDED.claimed)
          SELECT execution_id, partition_key, lane_id, attempt_index, payload FROM e",
         &[
             ids.into(),
@@ -786,14 +790,13 @@ pub fn lease(
             expires_at_ms.into(),
             kid.into(),
             ttl_ms.into(),
+            metrics::slot().into(),
         ],
     )?;
     let mut keys: HashMap<[u8; 16], String> = rows.into_iter().map(|r| (*r.uuid.as_bytes(), r.grant_key)).collect();
     let mut out = Vec::new();
-    let mut tally = Tally::default();
     for row in t {
         let uuid: pgrx::Uuid = row.get(1)?.ok_or_else(|| FfError::internal("NULL execution id"))?;
-        tally.add(&row.get::<String>(3)?.unwrap_or_default(), Counter::Claimed, 1);
         out.push(Leased {
             id: ExecutionId { uuid: from_pg_uuid(&uuid), partition: row.get(2)?.unwrap_or(0) },
             lane_id: row.get(3)?.unwrap_or_default(),
@@ -802,7 +805,6 @@ pub fn lease(
             grant_key: keys.remove(uuid.as_bytes()).unwrap_or_default(),
         });
     }
-    tally.flush(c)?;
     Ok(out)
 }
 
@@ -1006,24 +1008,14 @@ pub fn finish(c: &mut SpiClient<'_>, uuids: &[pgrx::Uuid], e: &Ending<'_>, wait:
             e.reason.into(),
             now.into(),
             e.dispatched.into(),
+            metrics::slot().into(),
         ],
     )?;
     let mut out = Vec::new();
-    let mut tally = Tally::default();
-    let counter = match e.outcome {
-        Outcome::Success => Some(Counter::Completed),
-        Outcome::Failed => Some(Counter::Failed),
-        Outcome::Expired => Some(Counter::Expired),
-        Outcome::Cancelled | Outcome::Skipped => None,
-    };
     for row in t {
         let Some(uuid) = row.get::<pgrx::Uuid>(1)? else { continue };
-        if let Some(counter) = counter {
-            tally.add(&row.get::<String>(3)?.unwrap_or_default(), counter, 1);
-        }
         out.push(Ended { uuid, flow: row.get(2)?, outcome: e.outcome });
     }
-    tally.flush(c)?;
     Ok(out)
 }
 
@@ -1033,7 +1025,9 @@ const LOCK_LIVE_SKIP: &str = "SELECT execution_id FROM ff_exec_core
     WHERE execution_id = ANY($1) AND lifecycle_phase <> 'terminal' FOR NO KEY UPDATE SKIP LOCKED";
 
 // Ends executions this transaction holds. The attempt, the quota slot and
-// the reservation are released only for executions that were active.
+// the reservation are released only for executions that were active; the
+// lane counters ($9: this backend's slot, NULL when metrics are off) count
+// completions, failures and expiries.
 const FINISH: &str = "WITH old AS (
          SELECT execution_id, lifecycle_phase AS was, attempt_index, quota_policy_id FROM ff_exec_core
          WHERE execution_id = ANY($1) AND lifecycle_phase <> 'terminal'),
@@ -1061,8 +1055,15 @@ const FINISH: &str = "WITH old AS (
              instance_tag, occurred_at_ms, dispatched_at_ms)
          SELECT partition_key, execution_id, flow_id, $2, namespace, instance_tag, $7,
                 CASE WHEN $8 THEN $7 END
-         FROM ended)
-     SELECT execution_id, flow_id, lane_id FROM ended";
+         FROM ended),
+     m AS (
+         INSERT INTO ff_lane_counter AS c (lane_id, slot, completed, failed, expired)
+         SELECT lane_id, $9, count(*) FILTER (WHERE $2 = 'success'), count(*) FILTER (WHERE $2 = 'failed'),
+                count(*) FILTER (WHERE $2 = 'expired')
+         FROM ended WHERE $9 IS NOT NULL AND $2 IN ('success', 'failed', 'expired') GROUP BY lane_id
+         ON CONFLICT (lane_id, slot) DO UPDATE SET completed = c.completed + EXCLUDED.completed,
+             failed = c.failed + EXCLUDED.failed, expired = c.expired + EXCLUDED.expired)
+     SELECT execution_id, flow_id FROM ended";
 
 /// Active -> Waiting (or Delayed until `eligible_at_ms`) for an execution
 /// the caller holds: ends the running attempt and frees its quota slot and
