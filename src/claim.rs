@@ -116,11 +116,12 @@ impl Refusals {
 
 // The best claimable rows of one lane and capability set, skipping rows
 // other claimers hold, refused budgets and quotas, and paused lanes; with the
-// active signing key and the newest capability set id in the same statement.
+// active signing key in the same statement. (The newest capability set id is
+// read only when the pick comes back empty: reading it here would add three
+// relations to every claim's locks.)
 // The filters are spelled so the planner sees how many rows pass them (an
 // `eligible_now` row is always due), which keeps it on the ordered index scan.
-const PICK: &str = "SELECT k.kid, k.secret, (SELECT max(cap_set_id) FROM ff_capability_set),
-        x.execution_id, x.budget_ids, x.budget_reserve, x.quota_policy_id, x.partition_key
+const PICK: &str = "SELECT k.kid, k.secret, x.execution_id, x.budget_ids, x.budget_reserve, x.quota_policy_id, x.partition_key
  FROM ff_waitpoint_hmac k LEFT JOIN LATERAL (
      SELECT execution_id, budget_ids, budget_reserve, quota_policy_id, partition_key FROM ff_exec_core
      WHERE lane_id = $1 AND cap_set_id = $2 AND lifecycle_phase = 'runnable'
@@ -167,23 +168,27 @@ fn pick(c: &mut SpiClient<'_>, lane: &str, set: i32, need: usize, refused: &Refu
         let p = picked.get_or_insert(Picked {
             kid: row.get(1)?.unwrap_or_default(),
             secret: row.get(2)?.unwrap_or_default(),
-            newest_set: row.get(3)?.unwrap_or(1),
+            newest_set: 0,
             rows: Vec::new(),
         });
-        let Some(uuid) = row.get::<pgrx::Uuid>(4)? else { continue };
-        let reserve = match row.get::<RawJsonb>(6)? {
+        let Some(uuid) = row.get::<pgrx::Uuid>(3)? else { continue };
+        let reserve = match row.get::<RawJsonb>(5)? {
             Some(r) => exec::parse_reserve(&r.to_value("budget_reserve")?)?,
             None => BTreeMap::new(),
         };
         p.rows.push(Candidate {
             uuid,
-            partition: row.get(8)?.unwrap_or(0),
-            budget_ids: row.get(5)?.unwrap_or_default(),
+            partition: row.get(7)?.unwrap_or(0),
+            budget_ids: row.get(4)?.unwrap_or_default(),
             reserve,
-            quota_policy_id: row.get(7)?,
+            quota_policy_id: row.get(6)?,
         });
     }
-    picked.ok_or_else(no_signing_key)
+    let mut picked = picked.ok_or_else(no_signing_key)?;
+    if picked.rows.is_empty() {
+        picked.newest_set = exec::newest_set(c)?;
+    }
+    Ok(picked)
 }
 
 fn rank_sets(c: &mut SpiClient<'_>, lane: &str, sets: &[i32], refused: &Refusals, now: i64) -> FfResult<Vec<i32>> {
@@ -335,6 +340,9 @@ pub struct Lease {
     pub attempt_index: i32,
     pub attempts_left: bool,
     pub retry: RetryPolicy,
+    /// Whether it names a quota policy or a budget reserve (so ending the
+    /// lease frees a quota slot or a reservation).
+    pub shares: bool,
 }
 
 // One read for the fence: the signing key of the grant, the grant row
@@ -346,7 +354,8 @@ macro_rules! fence_sql {
             "SELECT k.secret, k.retired_at_ms, g.worker_id, g.worker_instance_id, x.lifecycle_phase,
                     x.current_grant_id = $1, x.lease_expires_at_ms, x.flow_id, x.attempt_index,
                     x.attempt_index - x.attempt_offset < x.max_attempts, x.retry_base_ms, x.retry_max_ms,
-                    x.retry_jitter, k.kid IS NOT NULL
+                    x.retry_jitter, k.kid IS NOT NULL,
+                    x.quota_policy_id IS NOT NULL OR x.budget_reserve IS NOT NULL
              FROM ff_exec_core x
              LEFT JOIN ff_waitpoint_hmac k ON k.kid = $4
              LEFT JOIN ff_claim_grant g ON g.grant_id = $1 AND g.execution_id = x.execution_id
@@ -403,6 +412,7 @@ fn check_grant(c: &mut SpiClient<'_>, grant_key: &str, expected: Option<&Executi
         attempt_index: col_req(&row, 9)?,
         attempts_left: col(&row, 10)?.unwrap_or(false),
         retry: RetryPolicy { base_ms: col_req(&row, 11)?, max_ms: col_req(&row, 12)?, jitter: col_req(&row, 13)? },
+        shares: col(&row, 15)?.unwrap_or(true),
     }))
 }
 
@@ -468,7 +478,7 @@ pub fn complete(id: &ExecutionId, grant_key: &str, result: Option<RawJsonb>) -> 
         let now = now_ms();
         let lease = fence(c, id, grant_key, now)?;
         let ending = Ending { outcome: Outcome::Success, result, error: None, reason: None, dispatched: true };
-        dispatch::end_held(c, &pg_uuid(&id.uuid), lease.flow, &ending, now)
+        dispatch::end_held(c, &pg_uuid(&id.uuid), lease.flow, lease.shares, &ending, now)
     })
 }
 
@@ -484,7 +494,7 @@ pub fn fail(id: &ExecutionId, grant_key: &str, error: &str, retryable: bool) -> 
             return Ok("retry_scheduled");
         }
         let ending = Ending { outcome: Outcome::Failed, result: None, error: Some(error), reason: None, dispatched: true };
-        dispatch::end_held(c, &pg_uuid(&id.uuid), lease.flow, &ending, now)?;
+        dispatch::end_held(c, &pg_uuid(&id.uuid), lease.flow, lease.shares, &ending, now)?;
         Ok("failed")
     })
 }

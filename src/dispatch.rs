@@ -370,8 +370,13 @@ fn run_waves(lock: &mut FlowLock, mut wave: Vec<Ended>, now: i64) -> FfResult<i3
 /// group work stays inside that queue. An edge applied in between reads the
 /// upstream as still live and is resolved by this cascade, whose statements
 /// start after the flow row is granted (READ COMMITTED sees the edge).
-pub fn end_held(c: &mut SpiClient<'_>, uuid: &Uuid, flow: Option<Uuid>, ending: &Ending<'_>, now: i64) -> FfResult<()> {
-    let ended = exec::finish(c, &[*uuid], ending, Wait::Held, now)?;
+/// `shares`: it names a quota policy or a budget reserve (when unsure, true).
+pub fn end_held(c: &mut SpiClient<'_>, uuid: &Uuid, flow: Option<Uuid>, shares: bool, ending: &Ending<'_>, now: i64) -> FfResult<()> {
+    let ended = if shares {
+        exec::finish(c, &[*uuid], ending, Wait::Held, now)?
+    } else {
+        exec::finish_unshared(c, uuid, ending, now)?
+    };
     let Some(f) = flow else { return Ok(()) };
     let Some(mut lock) = flow::lock(c, &f, Wait::Yes)? else { return Ok(()) };
     if lock.cancel_requested && ending.outcome != Outcome::Cancelled {

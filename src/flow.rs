@@ -496,7 +496,8 @@ pub fn cancel_execution(id: &ExecutionId, reason: &str) -> FfResult<&'static str
     with_spi(|c| {
         let t = exec(
             c,
-            "SELECT lifecycle_phase, flow_id FROM ff_exec_core WHERE execution_id = $1 AND partition_key = $2
+            "SELECT lifecycle_phase, flow_id, quota_policy_id IS NOT NULL OR budget_reserve IS NOT NULL
+             FROM ff_exec_core WHERE execution_id = $1 AND partition_key = $2
              FOR NO KEY UPDATE",
             &[pg_uuid(&id.uuid).into(), id.partition.into()],
         )?;
@@ -505,7 +506,7 @@ pub fn cancel_execution(id: &ExecutionId, reason: &str) -> FfResult<&'static str
             return Ok("already_terminal");
         }
         let ending = Ending { outcome: Outcome::Cancelled, result: None, error: None, reason: Some(reason), dispatched: true };
-        dispatch::end_held(c, &pg_uuid(&id.uuid), col(&row, 2)?, &ending, now_ms())?;
+        dispatch::end_held(c, &pg_uuid(&id.uuid), col(&row, 2)?, col(&row, 3)?.unwrap_or(true), &ending, now_ms())?;
         Ok("cancelled")
     })
 }
