@@ -26,7 +26,8 @@
 //!    fence of renew / complete / fail, `ff_record_spend`, `ff_cancel_execution`,
 //!    `ff_add_execution_to_flow`.
 //! 2. The flow row of that execution (`flow::lock`). Everything that changes
-//!    a flow's graph or ends one of its members holds it.
+//!    a flow's graph, or counts and cascades the ending of one of its
+//!    members, holds it (a member's own rows are ended just before).
 //! 3. Under the flow row: its edges and edge groups, and its member rows.
 //!    Member rows are taken only with `SKIP LOCKED` while the flow row is
 //!    held (a member may be held by a worker that waits for the flow row):

@@ -4,11 +4,12 @@
 //! until every member is terminal, then `completed`, `failed` or
 //! `cancelled`, announced on `ff_flow_events`.
 //!
-//! Every change to a flow's graph and every ending of a member happens
-//! under the flow row's lock (lock order 2, after the execution row a call
-//! names), so building a flow while its members run is serialised with the
-//! cascade: an edge applied while its upstream ends either sees the ending
-//! or is seen by it.
+//! Every change to a flow's graph, and the counting and cascade of every
+//! member's ending, happens under the flow row's lock (lock order 2, after
+//! the execution row a call names), so building a flow while its members run
+//! is serialised with the cascade: an edge applied while its upstream ends
+//! either sees the ending or is resolved by the cascade that follows it
+//! (the member's own rows are ended just before its flow row is taken).
 
 use crate::db::{col, col_req, exec, first_row, now_ms, with_spi};
 use crate::dispatch::{self, count, Delta, GroupPolicy};
