@@ -892,6 +892,42 @@ def pgss_profiles(db, s):
     return prof
 
 
+# Relation locks a transaction holds after one call, and how many of them
+# the backend could take by fast path (16 slots per backend in PostgreSQL 15;
+# the rest go through the shared lock table: a partition LWLock and a hash
+# entry each, taken and released on every call). System catalogs left out.
+LOCKS_HELD = ("SELECT count(*), count(*) FILTER (WHERE l.fastpath), count(DISTINCT l.relation) "
+              "FROM pg_locks l JOIN pg_class r ON r.oid = l.relation "
+              "WHERE l.pid = pg_backend_pid() AND l.locktype = 'relation' "
+              "AND r.relnamespace <> 'pg_catalog'::regnamespace")
+
+
+def relation_locks(db):
+    """Locks held after each hot call, in its own transaction (rolled back)."""
+    claim_ff = "SELECT execution_id, grant_key FROM flowfabric.ff_claim_for_worker('bench', 'locks', 'locks-1')"
+    calls = [
+        ("ff_claim_for_worker", None, claim_ff, None),
+        ("ff_complete_execution", claim_ff, "SELECT flowfabric.ff_complete_execution(%s, %s)", None),
+        ("ff_report_usage", None, "SELECT * FROM flowfabric.ff_report_usage('b1', '{\"tokens\": 1}')", None),
+        ("minimal claim", None, pyfmt(base_claim("bench_queue")), {"p1": "bench", "p2": "locks"}),
+        ("minimal complete", pyfmt(base_claim("bench_queue")), pyfmt(base_complete("bench_queue")), None),
+    ]
+    out = {}
+    with connect(db) as c:
+        for name, before, sql, args in calls:
+            for _ in range(2):   # the second call is measured: the first fills the session's caches
+                if before:
+                    row = c.execute(before, {"p1": "bench", "p2": "locks"} if "%(p1)s" in before else None).fetchone()
+                    args = row if "%s" in sql else {"p1": row[0], "p2": row[1]}
+                c.execute("BEGIN")
+                c.execute(sql, args)
+                held, fast, rels = c.execute(LOCKS_HELD).fetchone()
+                c.execute("ROLLBACK")
+            out[name] = {"locks": held, "fastpath": fast, "relations": rels}
+    log(f"relation locks per call: {out}")
+    return out
+
+
 def scenario_profile():
     db = fresh_db("ffb_profile")
     fill_ff(db, "'bench'", CFG["profile_rows"])
@@ -912,6 +948,7 @@ def scenario_profile():
     settle(db, ["ff_exec_core", "bench_queue", "ff_budget_usage", "ff_budget_policy"])
     prof["perf_claim"] = perf_profile(db, "claim_ff.sql", s + 1, {"lane": "bench"}, "claim")
     prof["perf_usage"] = perf_profile(db, "usage_ff.sql", s + 1, {"budgets": BUDGETS}, "usage")
+    prof["locks"] = relation_locks(db)
     prof["floors"] = {
         name: measured(f"floor {name}", lambda: pgbench(f"floor_{name}", db, f"floor_{name}.sql", 1, s))
         for name in ("select1", "ffcall")}

@@ -905,6 +905,13 @@ def render_profile(doc, R):
             w(f"- Round-trip floor (1 client, no instrumentation): `SELECT 1` {f(fl['select1']['tps'])}/s "
               f"({f(fl['select1']['lat_ms'], 3)} ms); a trivial flowfabric function (`ff_lane_channel`) "
               f"{f(fl['ffcall']['tps'])}/s ({f(fl['ffcall']['lat_ms'], 3)} ms).")
+        lk = prof.get("locks")
+        if lk:
+            w("")
+            w("Relation locks one call holds (from `pg_locks`, after a first call has filled the session's caches; "
+              "PostgreSQL 15 takes up to 16 by fast path per backend, the rest through the shared lock table): " +
+              "; ".join(f"{name} {v['locks']} ({v['fastpath']} fast path, {v['relations']} relations)"
+                        for name, v in lk.items()) + ".")
         w("")
         w(plan_cache_note(prof))
         pc = prof.get("usage_proconfig")
@@ -982,10 +989,68 @@ class Doc:
         self.w(f"## {self.section_no}. {title}\n")
 
 
+def server_us(prof, key):
+    """(server us per call, us inside its SPI statements, number of SPI
+    statements per call) from a pg_stat_statements profile."""
+    p = (prof or {}).get(key)
+    if not p:
+        return None
+    st = [x for x in p["statements"] if "pg_stat_statements" not in x["query"] and x["calls"] > 0]
+    top = [x for x in st if x["toplevel"]]
+    if not top:
+        return None
+    calls = max(x["calls"] for x in top)
+    nested = [x for x in st if not x["toplevel"]]
+    inner = sum(x["total_ms"] + (x["plan_total_ms"] or 0) for x in nested) * 1000 / calls
+    per_call = sum(x["calls"] for x in nested) / calls
+    return sum(x["total_ms"] for x in top) * 1000 / calls, inner, per_call
+
+
+def render_gaps(doc, R):
+    """Why each missed target is missed, from this run's profile."""
+    w = doc.w
+    prof = R.get("profile") or {}
+    claim, base = server_us(prof, "pgss_claim"), server_us(prof, "pgss_claim_base")
+    cycle, usage, ubase = server_us(prof, "pgss_cycle"), server_us(prof, "pgss_usage"), server_us(prof, "pgss_usage_base")
+    if not (claim and base):
+        return
+    w("## The targets against the profile: where the time goes\n")
+    w("From this run's profile (section *Profile*, one client, pg_stat_statements with nested statements):\n")
+    rest = claim[0] - claim[1]
+    w(f"- **Claim alone.** A claim costs {f(claim[0], 1)} us of server time against {f(base[0], 1)} us for the "
+      f"minimal claim ({x_(base[0] / claim[0])}). It runs {f(claim[2], 1)} SPI statements per call (the pick, "
+      "and the lease: execution update, attempt insert, signed grant insert and the lane counter in one "
+      f"statement), {f(claim[1], 1)} us together, against one statement writing one row; the other "
+      f"{f(rest, 1)} us are outside the statements: the function call with its pinned `search_path` (required "
+      "by the security rules; its price is measured below for ff_report_usage), SPI, executor start-up of the "
+      "cached plans (not counted by pg_stat_statements), the HMAC signature and the result row. The attempt "
+      "and grant rows are what fencing and `ff_verify_grant` read, so they cannot be left out; reaching 0.75x "
+      "would need the whole claim in about one statement's cost, which this design does not get to.")
+    if cycle:
+        w(f"- **Scenario 1 (claim + complete).** The cycle costs {f(cycle[0], 1)} us of server time at one "
+          f"client ({f(cycle[2], 1)} SPI statements: the claim's, the fence read of grant, key and execution, "
+          "and the finish statement that ends the attempt, writes the completion event and counts the lane) "
+          "against two one-row statements for the minimal queue; at 16 workers on 2 cores the ratio is this "
+          "CPU ratio, the driver sharing the same cores.")
+    if usage and ubase:
+        w(f"- **ff_report_usage.** {f(usage[0], 1)} us per report against {f(ubase[0], 1)} us for the minimal "
+          f"counter ({x_(ubase[0] / usage[0])} at one client): {f(usage[2], 1)} SPI statements (usage rows and the "
+          "policy's limits in one statement, dedup and breach bookkeeping when they apply) plus the pinned "
+          "search_path. On one hot budget every report queues on the same usage row for one statement; the row "
+          "lock is not held across the call any more, but each report is still one locked update of one row, so "
+          "the hot case is bounded by how fast one row can be updated, for both sides, with flowfabric's longer "
+          "statement inside the lock.")
+    w("- **Capability routing.** With S requirement sets in a lane, a worker that satisfies k of them ranks its k "
+      "sets by one index probe each and then locks a row of the best set; it never reads rows of sets it does not "
+      "satisfy. So latency is flat in the sets the worker *lacks* (the *backlog* rows) and grows with the sets "
+      "it *has* (the *mixed* rows, where k = S/10: 100 probes at S = 1,000). Scenario 5 against scenario 1 is "
+      "the same per-claim cost plus one probe per satisfied set.\n")
+
+
 RENDERERS = [render_header, render_conditions, render_machine, render_targets, render_glance, render_queues,
              render_shapes, render_routing, render_pgmq, render_batch, render_create, render_reserve, render_usage,
              render_submit, render_fanin, render_metrics, render_longtxn, render_scale, render_reconcile,
-             render_profile, render_notes]
+             render_profile, render_gaps, render_notes]
 
 
 def main():
