@@ -66,13 +66,14 @@ LABELS = [
 DOES = {
     "ff_claim": "`ff_claim_for_worker`: a SECURITY DEFINER call with a pinned search_path; argument checks; the "
                 "capability sets the worker satisfies (cached per backend); one pick statement (active signing key + "
-                "best row of the lane and set, `FOR UPDATE SKIP LOCKED`); budget and quota admission when the row names "
-                "any; an HMAC-SHA256 grant signed in Rust; one lease statement (UPDATE the wide `ff_exec_core` row, "
-                "INSERT `ff_attempt`, INSERT `ff_claim_grant`); a per-backend lane counter upsert when "
-                "`flowfabric.metrics` is on.",
+                "best row of the lane and set, `FOR UPDATE SKIP LOCKED`, paused lanes skipped); budget and quota "
+                "admission when the row names any; an HMAC-SHA256 grant signed in Rust; one lease statement (UPDATE "
+                "the wide `ff_exec_core` row, INSERT `ff_attempt`, INSERT `ff_claim_grant`, and the per-backend lane "
+                "counter when `flowfabric.metrics` is on).",
     "ff_complete": "`ff_complete_execution`: grant parse; one fence read (signing key + grant row + execution row, "
-                   "locked); HMAC verify; end the attempt (delete the grant, UPDATE `ff_attempt`); terminal UPDATE of "
-                   "`ff_exec_core`; a completion event, with the flow cascade run inline for flow members; lane counter.",
+                   "locked); HMAC verify; one finish statement (UPDATE `ff_attempt`; terminal UPDATE of `ff_exec_core`, "
+                   "its grant cleared; quota slot and reservation freed when the execution names them; the completion "
+                   "event, written dispatched; lane counter); for flow members, then the cascade under the flow row.",
     "ff_create": "`ff_create_execution`: option checks; referenced budgets and quota must exist; capability-set id; "
                  "one INSERT into `ff_exec_core` (`ON CONFLICT DO NOTHING`, for `execution_id` / `unique_key`); lane "
                  "counter; `pg_notify` on the lane's channel when the row is claimable at once.",
