@@ -80,6 +80,8 @@ ALTER TABLE ff_budget_policy SET (fillfactor = 50, autovacuum_vacuum_scale_facto
 ALTER TABLE ff_quota_policy SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0,
     autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 0);
 ALTER TABLE ff_edge_group SET (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.05);
+-- Every member ending updates its flow row.
+ALTER TABLE ff_flow_core SET (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.05);
 ALTER TABLE ff_lane_counter SET (fillfactor = 50, autovacuum_vacuum_scale_factor = 0,
     autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 0);
 

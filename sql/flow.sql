@@ -25,8 +25,12 @@ CREATE TABLE ff_flow_core (
     created_at_ms      bigint NOT NULL,
     terminal_at_ms     bigint
 );
+-- Flows being cancelled with members still live (a cancelling flow stays
+-- open until its last member ends). Not keyed on live_count: every member
+-- ending updates that column, and an indexed one would make those updates
+-- non-HOT.
 CREATE INDEX ff_flow_core_cancelling_idx ON ff_flow_core (flow_id)
-    WHERE cancel_requested_at_ms IS NOT NULL AND live_count > 0;
+    WHERE cancel_requested_at_ms IS NOT NULL AND public_flow_state = 'open';
 CREATE INDEX ff_flow_core_terminal_idx ON ff_flow_core (terminal_at_ms)
     WHERE public_flow_state <> 'open';
 

@@ -342,9 +342,10 @@ pub fn cascade(lock: &mut FlowLock, ended: Vec<Ended>, now: i64) -> FfResult<i32
     run_waves(lock, ended, now)
 }
 
-/// Resolves the edges of executions that ended earlier (their endings are
-/// already in the flow's counters) and runs what follows.
-pub fn resolve_lost(lock: &mut FlowLock, wave: Vec<Ended>, now: i64) -> FfResult<i32> {
+/// Runs the cascade of executions whose endings are already in the flow's
+/// counters (counted when the flow was taken, or ended earlier with their
+/// edges left unresolved).
+pub fn cascade_counted(lock: &mut FlowLock, wave: Vec<Ended>, now: i64) -> FfResult<i32> {
     run_waves(lock, wave, now)
 }
 
@@ -378,15 +379,15 @@ pub fn end_held(c: &mut SpiClient<'_>, uuid: &Uuid, flow: Option<Uuid>, shares: 
         exec::finish_unshared(c, uuid, ending, now)?
     };
     let Some(f) = flow else { return Ok(()) };
-    let Some(mut lock) = flow::lock(c, &f, Wait::Yes)? else { return Ok(()) };
+    let Some(mut lock) = flow::lock_counting(c, &f, &ended, now)? else { return Ok(()) };
     if lock.cancel_requested && ending.outcome != Outcome::Cancelled {
-        // Raising undoes the ending above with the rest of the statement.
+        // Raising undoes the ending and its counting with the rest of the statement.
         return Err(FfError::wrong_state(format!(
             "flow {} is being cancelled; execution {uuid} will end cancelled",
             lock.id
         )));
     }
-    cascade(&mut lock, ended, now)?;
+    cascade_counted(&mut lock, ended, now)?;
     flow::release(c, lock, now)
 }
 

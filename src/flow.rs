@@ -63,13 +63,16 @@ impl FlowLock {
 
     /// Takes members that just became terminal into the flow's counters.
     pub fn record_ended(&mut self, ended: &[Ended]) {
-        for e in ended {
-            self.ended += 1;
-            if e.outcome.fails_flow() {
-                self.failed += 1;
-            }
-        }
+        let (n, failed) = tally(ended);
+        self.ended += n;
+        self.failed += failed;
     }
+}
+
+/// How many members ended, and how many of them fail the flow.
+fn tally(ended: &[Ended]) -> (i32, i32) {
+    let failed = ended.iter().filter(|e| e.outcome.fails_flow()).count();
+    (ended.len() as i32, failed as i32)
 }
 
 /// Locks a flow row (lock order 2). `None` when the flow does not exist,
@@ -112,32 +115,60 @@ pub fn exists(c: &mut SpiClient<'_>, flow: &Uuid) -> FfResult<bool> {
     Ok(!exec(c, "SELECT 1 FROM ff_flow_core WHERE flow_id = $1", &[(*flow).into()])?.is_empty())
 }
 
-/// Writes the endings counted under the lock. When the last live member
-/// ended, the flow becomes `cancelled` (if ff_cancel_flow asked), `failed`
-/// (if a member failed or expired) or `completed`, and that is announced on
-/// `ff_flow_events` at commit.
+/// Writes member endings into the flow row ($2 ended, $3 of them failing
+/// the flow). When the last live member ended, the flow becomes `cancelled`
+/// (if ff_cancel_flow asked), `failed` (if a member failed or expired) or
+/// `completed`; the last column says it ended in this update (a flow leaves
+/// `open` only when its live count reaches zero, and takes no member after).
+const COUNT_ENDINGS: &str = "UPDATE ff_flow_core SET live_count = live_count - $2, failed_count = failed_count + $3,
+         public_flow_state = CASE WHEN public_flow_state = 'open' AND live_count - $2 <= 0 THEN
+             CASE WHEN cancel_requested_at_ms IS NOT NULL THEN 'cancelled'
+                  WHEN failed_count + $3 > 0 THEN 'failed' ELSE 'completed' END
+             ELSE public_flow_state END,
+         terminal_at_ms = CASE WHEN public_flow_state = 'open' AND live_count - $2 <= 0 THEN $4
+                               ELSE terminal_at_ms END
+     WHERE flow_id = $1
+     RETURNING partition_key, namespace, public_flow_state, graph_revision, node_count,
+               cancel_requested_at_ms IS NOT NULL,
+               public_flow_state <> 'open' AND live_count <= 0 AND live_count + $2 > 0";
+
+/// Counts endings into the flow row and announces the flow's own ending.
+fn count_endings(c: &mut SpiClient<'_>, flow: &Uuid, ended: i32, failed: i32, now: i64) -> FfResult<Option<FlowLock>> {
+    let t = exec(c, COUNT_ENDINGS, &[(*flow).into(), ended.into(), failed.into(), now.into()])?;
+    let Some(row) = first_row(t) else { return Ok(None) };
+    let lock = FlowLock {
+        id: *flow,
+        partition: col_req(&row, 1)?,
+        namespace: col_req(&row, 2)?,
+        state: col_req(&row, 3)?,
+        revision: col_req(&row, 4)?,
+        node_count: col_req(&row, 5)?,
+        cancel_requested: col_req(&row, 6)?,
+        ended: 0,
+        failed: 0,
+    };
+    if col_req::<bool>(&row, 7)? {
+        announce(c, flow, &lock.state)?;
+    }
+    Ok(Some(lock))
+}
+
+/// Takes a flow row (lock order 2) by counting the endings of members the
+/// caller ended itself: the update that writes them is the lock, where
+/// `lock` and then `release` would run two statements while other members'
+/// completions queue on the row. `None` when the flow does not exist.
+pub fn lock_counting(c: &mut SpiClient<'_>, flow: &Uuid, ended: &[Ended], now: i64) -> FfResult<Option<FlowLock>> {
+    let (n, failed) = tally(ended);
+    count_endings(c, flow, n, failed, now)
+}
+
+/// Writes the endings counted under the lock since it was taken.
 pub fn release(c: &mut SpiClient<'_>, lock: FlowLock, now: i64) -> FfResult<()> {
     if lock.ended == 0 {
         return Ok(());
     }
-    let t = exec(
-        c,
-        "UPDATE ff_flow_core SET live_count = live_count - $2, failed_count = failed_count + $3,
-             public_flow_state = CASE WHEN public_flow_state = 'open' AND live_count - $2 <= 0 THEN
-                 CASE WHEN cancel_requested_at_ms IS NOT NULL THEN 'cancelled'
-                      WHEN failed_count + $3 > 0 THEN 'failed' ELSE 'completed' END
-                 ELSE public_flow_state END,
-             terminal_at_ms = CASE WHEN public_flow_state = 'open' AND live_count - $2 <= 0 THEN $4
-                                   ELSE terminal_at_ms END
-         WHERE flow_id = $1
-         RETURNING public_flow_state",
-        &[lock.id.into(), lock.ended.into(), lock.failed.into(), now.into()],
-    )?;
-    let state: Option<String> = first_row(t).map(|r| col_req(&r, 1)).transpose()?;
-    match state {
-        Some(s) if s != lock.state => announce(c, &lock.id, &s),
-        _ => Ok(()),
-    }
+    count_endings(c, &lock.id, lock.ended, lock.failed, now)?;
+    Ok(())
 }
 
 /// `NOTIFY ff_flow_events` with `{"flow_id","state"}`, delivered at commit.

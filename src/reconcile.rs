@@ -352,7 +352,7 @@ fn repair_graph(c: &mut SpiClient<'_>) -> FfResult<Value> {
     let mut errors = 0;
     let flows = flows_of(exec(
         c,
-        "SELECT flow_id FROM ff_flow_core WHERE cancel_requested_at_ms IS NOT NULL AND live_count > 0
+        "SELECT flow_id FROM ff_flow_core WHERE cancel_requested_at_ms IS NOT NULL AND public_flow_state = 'open'
          ORDER BY flow_id LIMIT $1",
         &[BATCH.into()],
     )?);
@@ -431,7 +431,7 @@ fn repair_graph(c: &mut SpiClient<'_>) -> FfResult<Value> {
             wave.push(Ended { uuid: up, flow: Some(lock.id), outcome });
         }
         let n = wave.len() as i64;
-        dispatch::resolve_lost(lock, wave, now)?;
+        dispatch::cascade_counted(lock, wave, now)?;
         Ok(n)
     });
 

@@ -184,7 +184,7 @@ UPDATE ff_flow_core f SET
     terminal_at_ms = (SELECT max(terminal_at_ms) FROM ff_exec_core x WHERE x.flow_id = f.flow_id)
 WHERE public_flow_state = 'open' AND live_count = 0 AND node_count > 0;
 CREATE INDEX ff_flow_core_cancelling_idx ON ff_flow_core (flow_id)
-    WHERE cancel_requested_at_ms IS NOT NULL AND live_count > 0;
+    WHERE cancel_requested_at_ms IS NOT NULL AND public_flow_state = 'open';
 CREATE INDEX ff_flow_core_terminal_idx ON ff_flow_core (terminal_at_ms)
     WHERE public_flow_state <> 'open';
 CREATE INDEX ff_edge_unresolved_idx ON ff_edge (upstream_eid)
