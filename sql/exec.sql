@@ -80,10 +80,11 @@ CREATE INDEX ff_exec_core_lease_expiry_idx ON ff_exec_core (lease_expires_at_ms)
     WHERE lifecycle_phase = 'active';
 CREATE INDEX ff_exec_core_delayed_idx ON ff_exec_core (eligible_at_ms)
     WHERE eligibility_state = 'not_eligible_until_time';
-CREATE INDEX ff_exec_core_flow_idx ON ff_exec_core (flow_id) WHERE flow_id IS NOT NULL;
--- Node names are unique within a flow.
-CREATE UNIQUE INDEX ff_exec_core_node_name_idx ON ff_exec_core (flow_id, node_name)
-    WHERE node_name IS NOT NULL;
+-- A flow's members, and node names unique within a flow (unnamed members,
+-- node_name NULL, never conflict). One index for both: every claim and
+-- ending of a flow member is a non-HOT update that adds an entry to each.
+CREATE UNIQUE INDEX ff_exec_core_flow_idx ON ff_exec_core (flow_id, node_name)
+    WHERE flow_id IS NOT NULL;
 -- Listing in creation order (ff_list_executions keyset pagination).
 CREATE INDEX ff_exec_core_lane_seq_idx ON ff_exec_core (lane_id, queue_seq);
 CREATE UNIQUE INDEX ff_exec_core_seq_idx ON ff_exec_core (queue_seq);

@@ -115,8 +115,9 @@ CREATE INDEX ff_exec_core_claim_idx
     ON ff_exec_core (lane_id, cap_set_id, priority DESC, created_at_ms, queue_seq)
     WHERE lifecycle_phase = 'runnable'
       AND eligibility_state IN ('eligible_now', 'not_eligible_until_time');
-CREATE UNIQUE INDEX ff_exec_core_node_name_idx ON ff_exec_core (flow_id, node_name)
-    WHERE node_name IS NOT NULL;
+DROP INDEX ff_exec_core_flow_idx;
+CREATE UNIQUE INDEX ff_exec_core_flow_idx ON ff_exec_core (flow_id, node_name)
+    WHERE flow_id IS NOT NULL;
 CREATE INDEX ff_exec_core_lane_seq_idx ON ff_exec_core (lane_id, queue_seq);
 CREATE UNIQUE INDEX ff_exec_core_seq_idx ON ff_exec_core (queue_seq);
 CREATE INDEX ff_exec_core_dead_idx ON ff_exec_core (terminal_at_ms)
