@@ -42,6 +42,17 @@ SELECT pg_catalog.pg_extension_config_dump('ff_completion_event_event_id_seq', '
 -- custom plans look cheaper than the generic one (an unnest of a one-element
 -- array versus an unknown one), and a cascade then spends most of its time
 -- planning. So each function plans its statements once.
+--
+-- That one plan is kept for the life of the session, and a worker's session
+-- lives long: planned while ff_attempt or ff_claim_grant were nearly empty
+-- (a fresh install, a queue just drained and vacuumed), a key lookup
+-- becomes a sequential scan that then grows with the table until the
+-- session ends (or autovacuum's next ANALYZE invalidates the plan). So the
+-- functions also plan without sequential scans: every statement has an
+-- index for its key, and a table without one (a one-row settings table) is
+-- still scanned. Such a scan carries the planner's penalty cost, which
+-- would cross jit_above_cost and compile the statement on every call: the
+-- functions run without JIT (their statements touch a few rows each).
 DO $$
 DECLARE f regprocedure;
 BEGIN
@@ -51,7 +62,7 @@ BEGIN
              JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'flowfabric'
              WHERE p.prosecdef
     LOOP
-        EXECUTE pg_catalog.format('ALTER FUNCTION %s SET plan_cache_mode = force_generic_plan', f);
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off', f);
     END LOOP;
 END $$;
 

@@ -1045,6 +1045,10 @@ const LOCK_LIVE_SKIP: &str = "SELECT execution_id FROM ff_exec_core
 // the reservation are released only for executions that were active; the
 // lane counters ($9: this backend's slot, NULL when metrics are off) count
 // completions, failures and expiries.
+// Each table is reached by its key `= ANY($1)` as well as by the join: the
+// statement is planned once per session (sql/finalize.sql), perhaps while a
+// table is nearly empty, and only a key condition keeps the plan a lookup
+// as the table grows.
 macro_rules! finish_sql {
     ($releases:literal) => {
         concat!(
@@ -1063,7 +1067,7 @@ macro_rules! finish_sql {
      att AS (
          UPDATE ff_attempt a SET outcome = $2, error = $5, terminal_at_ms = $7, lease_expires_at_ms = NULL
          FROM ended e WHERE e.was = 'active' AND a.execution_id = e.execution_id
-           AND a.attempt_index = e.attempt_index),",
+           AND a.attempt_index = e.attempt_index AND a.execution_id = ANY($1)),",
             $releases,
             "
      ev AS (
@@ -1087,10 +1091,12 @@ const FINISH: &str = finish_sql!(
     "
      quota AS (
          DELETE FROM ff_quota_admitted q USING ended e
-         WHERE e.was = 'active' AND q.quota_policy_id = e.quota_policy_id AND q.execution_id = e.execution_id),
+         WHERE e.was = 'active' AND q.quota_policy_id = e.quota_policy_id AND q.execution_id = e.execution_id
+           AND q.execution_id = ANY($1)),
      reserve AS (
          UPDATE ff_budget_usage_by_exec l SET reserved = 0, updated_at_ms = $7
-         FROM ended e WHERE e.was = 'active' AND l.execution_id = e.execution_id AND l.reserved > 0),"
+         FROM ended e WHERE e.was = 'active' AND l.execution_id = e.execution_id AND l.reserved > 0
+           AND l.execution_id = ANY($1)),"
 );
 // For an execution that names no quota policy and no budget reserve, so
 // holds neither: without those two releases the statement opens and locks
@@ -1108,11 +1114,14 @@ pub fn requeue(c: &mut SpiClient<'_>, uuid: &uuid::Uuid, outcome: &str, error: &
         "WITH old AS (SELECT execution_id, attempt_index, quota_policy_id FROM ff_exec_core
                       WHERE execution_id = $1 AND lifecycle_phase = 'active'),
               att AS (UPDATE ff_attempt a SET outcome = $5, error = $2, terminal_at_ms = $4, lease_expires_at_ms = NULL
-                      FROM old WHERE a.execution_id = old.execution_id AND a.attempt_index = old.attempt_index),
+                      FROM old WHERE a.execution_id = old.execution_id AND a.attempt_index = old.attempt_index
+                        AND a.execution_id = $1),
               quota AS (DELETE FROM ff_quota_admitted q USING old
-                        WHERE q.quota_policy_id = old.quota_policy_id AND q.execution_id = old.execution_id),
+                        WHERE q.quota_policy_id = old.quota_policy_id AND q.execution_id = old.execution_id
+                          AND q.execution_id = $1),
               reserve AS (UPDATE ff_budget_usage_by_exec l SET reserved = 0, updated_at_ms = $4
-                          FROM old WHERE l.execution_id = old.execution_id AND l.reserved > 0)
+                          FROM old WHERE l.execution_id = old.execution_id AND l.reserved > 0
+                            AND l.execution_id = $1)
          UPDATE ff_exec_core x SET lifecycle_phase = 'runnable', ownership_state = 'unowned',
              eligibility_state = CASE WHEN $3 > $4 THEN 'not_eligible_until_time' ELSE 'eligible_now' END,
              public_state = CASE WHEN $3 > $4 THEN 'delayed' ELSE 'waiting' END,

@@ -1,5 +1,6 @@
 """The claim pipeline under real concurrency: several worker connections."""
 import threading
+import time
 
 import psycopg
 import pytest
@@ -118,3 +119,42 @@ def test_stale_grant_after_reclaim_is_refused(cluster, db):
             c.execute("SELECT ff_complete_execution(%s, %s)", (eid, g1))
         c.execute("SELECT ff_complete_execution(%s, %s)", (eid, g2))
         assert c.execute("SELECT current_worker_id, attempt_index FROM ff_exec_core").fetchone() == ("w2", 2)
+
+
+def seq_scans(c, tables):
+    c.execute("SELECT pg_stat_clear_snapshot()")
+    return dict(c.execute("SELECT relname, seq_scan FROM pg_stat_user_tables WHERE relname = ANY(%s)",
+                          (tables,)).fetchall())
+
+
+def test_a_long_lived_worker_session_keeps_using_the_indexes(cluster, db):
+    """A worker connects while the attempt and grant tables are empty and
+    vacuumed (a fresh install), then works through a growing queue: its
+    claims and completions must keep finding rows by key, not scan the
+    tables they were planned against when those held nothing."""
+    tables = ["ff_attempt", "ff_claim_grant", "ff_exec_core", "ff_completion_event"]
+    with cluster.connect(db) as c:
+        c.execute("SELECT ff_create_execution('grow')")
+        c.execute("VACUUM ANALYZE")
+    with cluster.connect(db) as w, cluster.connect(db) as c:
+        def cycle():
+            eid, grant = w.execute("SELECT execution_id, grant_key FROM ff_claim_for_worker('grow', 'w', 'i')").fetchone()
+            w.execute("SELECT ff_complete_execution(%s, %s)", (eid, grant))
+        cycle()   # plans every statement of both calls while the tables are empty
+        c.execute("SELECT ff_create_executions('grow', array_fill('{}'::jsonb, ARRAY[1733]))")
+        w.execute("SELECT pg_stat_force_next_flush()")
+        time.sleep(0.3)
+        before = seq_scans(c, tables)
+        for _ in range(257):
+            cycle()
+        w.execute("SELECT pg_stat_force_next_flush()")
+        deadline = time.time() + 10
+        while True:
+            after = seq_scans(c, tables)
+            moved = c.execute("SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'ff_attempt'").fetchone()[0]
+            if moved >= 258 or time.time() > deadline:
+                break
+            time.sleep(0.1)
+        assert moved >= 258, "the worker's statistics never arrived"
+        grew = {t: after.get(t, 0) - before.get(t, 0) for t in tables}
+        assert all(n == 0 for n in grew.values()), f"sequential scans during 257 cycles: {grew}"
