@@ -819,8 +819,9 @@ def function_settings(db):
     """The per-function settings (proconfig) of the hot functions as
     installed: sql/finalize.sql gives every SECURITY DEFINER function
     plan_cache_mode = force_generic_plan (each SPI statement planned once per
-    backend), the claims also enable_sort = off, and every one pins
-    search_path."""
+    backend) and enable_seqscan = off (a plan built while a table was
+    nearly empty stays a key lookup), the claims also enable_sort = off,
+    and every one pins search_path."""
     with connect(db) as c:
         return dict(c.execute(
             "SELECT proname, coalesce(proconfig, '{}') FROM pg_proc WHERE pronamespace = 'flowfabric'::regnamespace "

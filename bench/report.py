@@ -160,8 +160,9 @@ def plan_cache_note(prof):
     per = f"{plans / calls:.3f}" if calls else "n/a"
     return ("**Plan caching.** Every SECURITY DEFINER function of the extension runs with "
             "`plan_cache_mode = force_generic_plan` (set by `sql/finalize.sql`), so each statement inside is planned "
-            "once per backend and reused; the claims also run with `enable_sort = off` (their plan is the ordered "
-            f"index scan). Installed settings of `ff_claim_for_worker`: `{claim_conf}`. In the claim profile above, "
+            "once per backend and reused, and with `enable_seqscan = off` (and `jit = off`), so a plan built while a table was nearly "
+            "empty (a fresh install, a drained queue) stays a key lookup as the table grows; the claims also run "
+            f"with `enable_sort = off` (their plan is the ordered index scan). Installed settings of `ff_claim_for_worker`: `{claim_conf}`. In the claim profile above, "
             f"statements inside the claim were planned {per} times per call (the first calls of the session plan "
             "them). No generic-versus-custom experiment is run: the engine has made that choice.\n")
 
