@@ -18,7 +18,7 @@ use crate::exec::{self, pg_uuid, Bucket, Ended, Ending, Outcome, State, Wait};
 use crate::ids::{check_text_id, clip, crc16, ExecutionId};
 use crate::jsonb::RawJsonb;
 use pgrx::prelude::*;
-use pgrx::spi::SpiClient;
+use pgrx::spi::{SpiClient, SpiTupleTable};
 use std::collections::{BTreeMap, HashSet};
 
 type Uuid = pgrx::Uuid;
@@ -46,6 +46,22 @@ pub struct FlowLock {
 }
 
 impl FlowLock {
+    /// The flow row as the lock and the counting statements return it (their
+    /// first six columns), with nothing counted yet.
+    fn read(flow: &Uuid, row: &SpiTupleTable<'_>) -> FfResult<Self> {
+        Ok(FlowLock {
+            id: *flow,
+            partition: col_req(row, 1)?,
+            namespace: col_req(row, 2)?,
+            state: col_req(row, 3)?,
+            revision: col_req(row, 4)?,
+            node_count: col_req(row, 5)?,
+            cancel_requested: col_req(row, 6)?,
+            ended: 0,
+            failed: 0,
+        })
+    }
+
     /// Whether the graph may still change.
     pub fn is_open(&self) -> bool {
         self.state == "open" && !self.cancel_requested
@@ -83,18 +99,7 @@ pub fn lock(c: &mut SpiClient<'_>, flow: &Uuid, wait: Wait) -> FfResult<Option<F
         Wait::SkipLocked => LOCK_FLOW_SKIP,
     };
     let t = exec(c, sql, &[(*flow).into()])?;
-    let Some(row) = first_row(t) else { return Ok(None) };
-    Ok(Some(FlowLock {
-        id: *flow,
-        partition: col_req(&row, 1)?,
-        namespace: col_req(&row, 2)?,
-        state: col_req(&row, 3)?,
-        revision: col_req(&row, 4)?,
-        node_count: col_req(&row, 5)?,
-        cancel_requested: col_req(&row, 6)?,
-        ended: 0,
-        failed: 0,
-    }))
+    first_row(t).map(|row| FlowLock::read(flow, &row)).transpose()
 }
 
 macro_rules! lock_flow_sql {
@@ -136,17 +141,7 @@ const COUNT_ENDINGS: &str = "UPDATE ff_flow_core SET live_count = live_count - $
 fn count_endings(c: &mut SpiClient<'_>, flow: &Uuid, ended: i32, failed: i32, now: i64) -> FfResult<Option<FlowLock>> {
     let t = exec(c, COUNT_ENDINGS, &[(*flow).into(), ended.into(), failed.into(), now.into()])?;
     let Some(row) = first_row(t) else { return Ok(None) };
-    let lock = FlowLock {
-        id: *flow,
-        partition: col_req(&row, 1)?,
-        namespace: col_req(&row, 2)?,
-        state: col_req(&row, 3)?,
-        revision: col_req(&row, 4)?,
-        node_count: col_req(&row, 5)?,
-        cancel_requested: col_req(&row, 6)?,
-        ended: 0,
-        failed: 0,
-    };
+    let lock = FlowLock::read(flow, &row)?;
     if col_req::<bool>(&row, 7)? {
         announce(c, flow, &lock.state)?;
     }
