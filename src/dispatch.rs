@@ -162,6 +162,21 @@ impl Delta {
     }
 }
 
+// Adds the deltas ($2..$6: pending, running, success, fail, skip) to the
+// groups of the downstreams $1 and returns them; the one-key form for a
+// single group, as with RESOLVE_ONE.
+const COUNT_ONE: &str = "UPDATE ff_edge_group g SET pending_count = g.pending_count + $2, running_count = g.running_count + $3,
+         success_count = g.success_count + $4, fail_count = g.fail_count + $5, skip_count = g.skip_count + $6
+     WHERE g.downstream_eid = $1
+     RETURNING g.downstream_eid, g.policy, g.pending_count, g.running_count, g.success_count, g.fail_count,
+               g.skip_count, g.group_state";
+const COUNT_MANY: &str = "UPDATE ff_edge_group g SET pending_count = g.pending_count + d.p, running_count = g.running_count + d.r,
+         success_count = g.success_count + d.s, fail_count = g.fail_count + d.f, skip_count = g.skip_count + d.k
+     FROM unnest($1::uuid[], $2::int[], $3::int[], $4::int[], $5::int[], $6::int[]) AS d(down, p, r, s, f, k)
+     WHERE g.downstream_eid = d.down AND g.downstream_eid = ANY ($1)
+     RETURNING g.downstream_eid, g.policy, g.pending_count, g.running_count, g.success_count, g.fail_count,
+               g.skip_count, g.group_state";
+
 /// The one place edge resolutions are counted, for `apply` and for the
 /// cascade alike: adds the deltas to their groups and fires each group that
 /// reaches its decision now. Executions the firing ends go to `ended`.
@@ -178,16 +193,11 @@ pub fn count(c: &mut SpiClient<'_>, lock: &FlowLock, deltas: &BTreeMap<[u8; 16],
         f.push(d.fail);
         k.push(d.skip);
     }
-    let t = exec(
-        c,
-        "UPDATE ff_edge_group g SET pending_count = g.pending_count + d.p, running_count = g.running_count + d.r,
-             success_count = g.success_count + d.s, fail_count = g.fail_count + d.f, skip_count = g.skip_count + d.k
-         FROM unnest($1::uuid[], $2::int[], $3::int[], $4::int[], $5::int[], $6::int[]) AS d(down, p, r, s, f, k)
-         WHERE g.downstream_eid = d.down AND g.downstream_eid = ANY ($1)
-         RETURNING g.downstream_eid, g.policy, g.pending_count, g.running_count, g.success_count, g.fail_count,
-                   g.skip_count, g.group_state",
-        &[downs.into(), p.into(), r.into(), s.into(), f.into(), k.into()],
-    )?;
+    let t = if deltas.len() == 1 {
+        exec(c, COUNT_ONE, &[downs[0].into(), p[0].into(), r[0].into(), s[0].into(), f[0].into(), k[0].into()])?
+    } else {
+        exec(c, COUNT_MANY, &[downs.into(), p.into(), r.into(), s.into(), f.into(), k.into()])?
+    };
     let mut decided = Vec::new();
     for row in t {
         if row.get::<String>(8)?.as_deref() != Some("pending") {
@@ -300,6 +310,19 @@ fn still_live(c: &mut SpiClient<'_>, asked: &[Uuid], done: &[Ended]) -> FfResult
     Ok(t.filter_map(|r| r.get::<Uuid>(1).ok().flatten()).collect())
 }
 
+// Resolves the applied, unresolved edges leaving the upstreams $1 with
+// their outcome buckets $2. A wave of one (a chain's hop, a member's own
+// completion) uses the form keyed by one id: index lookups, where the
+// array form starts up an unnest and a join on every call.
+const RESOLVE_ONE: &str = "UPDATE ff_edge e SET resolution = $2
+     WHERE e.upstream_eid = $1 AND e.edge_state = 'applied' AND e.resolution IS NULL
+     RETURNING e.downstream_eid, e.resolution";
+const RESOLVE_MANY: &str = "UPDATE ff_edge e SET resolution = w.b
+     FROM unnest($1::uuid[], $2::text[]) AS w(u, b)
+     WHERE e.upstream_eid = w.u AND e.upstream_eid = ANY ($1)
+       AND e.edge_state = 'applied' AND e.resolution IS NULL
+     RETURNING e.downstream_eid, e.resolution";
+
 /// One wave: resolves every applied, unresolved edge leaving `wave` and
 /// counts them. Returns the number of edges resolved and what ended next.
 ///
@@ -312,15 +335,11 @@ fn step(c: &mut SpiClient<'_>, lock: &FlowLock, wave: &[Ended], now: i64) -> FfR
     let buckets: Vec<String> = wave.iter().map(|e| e.outcome.bucket().as_str().to_string()).collect();
     // Marking the edge resolved first is what makes a replayed or duplicate
     // ending count each upstream once per group.
-    let t = exec(
-        c,
-        "UPDATE ff_edge e SET resolution = w.b
-         FROM unnest($1::uuid[], $2::text[]) AS w(u, b)
-         WHERE e.upstream_eid = w.u AND e.upstream_eid = ANY ($1)
-           AND e.edge_state = 'applied' AND e.resolution IS NULL
-         RETURNING e.downstream_eid, e.resolution",
-        &[ups.into(), buckets.into()],
-    )?;
+    let t = if wave.len() == 1 {
+        exec(c, RESOLVE_ONE, &[ups[0].into(), buckets[0].as_str().into()])?
+    } else {
+        exec(c, RESOLVE_MANY, &[ups.into(), buckets.into()])?
+    };
     let mut deltas: BTreeMap<[u8; 16], (Uuid, Delta)> = BTreeMap::new();
     let mut resolved = 0;
     for row in t {

@@ -56,6 +56,7 @@ use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::ids::{check_text_id, clip, crc16, ExecutionId};
 use crate::jsonb::{RawJsonb, RawJsonbArray};
 use crate::metrics::{self, Counter, Tally};
+use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use serde_json::Value;
@@ -764,33 +765,17 @@ pub fn lease(
     }
     let ids: Vec<pgrx::Uuid> = rows.iter().map(|r| pg_uuid(&r.uuid)).collect();
     let grants: Vec<Vec<u8>> = rows.iter().map(|r| r.grant_id.clone()).collect();
+    let (sql, ids, grants): (&'static str, DatumWithOid<'_>, DatumWithOid<'_>) = if rows.len() == 1 {
+        (LEASE_ONE, ids[0].into(), grants[0].clone().into())
+    } else {
+        (LEASE_MANY, ids.into(), grants.into())
+    };
     let t = exec(
         c,
-        "WITH l AS (SELECT * FROM unnest($1::uuid[], $2::bytea[]) AS l(execution_id, grant_id)),
-         e AS (
-             UPDATE ff_exec_core x SET lifecycle_phase = 'active', ownership_state = 'leased',
-                 eligibility_state = 'not_applicable', public_state = 'active',
-                 attempt_state = 'running_attempt', attempt_index = x.attempt_index + 1,
-                 started_at_ms = coalesce(x.started_at_ms, $5), lease_expires_at_ms = $6,
-                 current_worker_id = $3, current_worker_instance_id = $4, current_grant_id = l.grant_id
-             FROM l WHERE x.execution_id = l.execution_id AND x.execution_id = ANY ($1)
-             RETURNING x.execution_id, x.partition_key, x.lane_id, x.attempt_index, x.payload, l.grant_id),
-         a AS (
-             INSERT INTO ff_attempt (execution_id, attempt_index, partition_key, worker_id,
-                 worker_instance_id, lease_expires_at_ms, started_at_ms)
-             SELECT e.execution_id, e.attempt_index, e.partition_key, $3, $4, $6, $5 FROM e),
-         g AS (
-             INSERT INTO ff_claim_grant (grant_id, partition_key, execution_id, worker_id, worker_instance_id,
-                 lane_id, kid, grant_ttl_ms, issued_at_ms, expires_at_ms)
-             SELECT e.grant_id, e.partition_key, e.execution_id, $3, $4, e.lane_id, $7, $8, $5, $6 FROM e),
-         m AS (
-             INSERT INTO ff_lane_counter AS c (lane_id, slot, claimed)
-             SELECT lane_id, $9, count(*) FROM e WHERE $9 IS NOT NULL GROUP BY lane_id
-             ON CONFLICT (lane_id, slot) DO UPDATE SET claimed = c.claimed + EXCLUDED.claimed)
-         SELECT execution_id, partition_key, lane_id, attempt_index, payload FROM e",
+        sql,
         &[
-            ids.into(),
-            grants.into(),
+            ids,
+            grants,
             worker_id.into(),
             worker_instance_id.into(),
             now.into(),
@@ -814,6 +799,61 @@ pub fn lease(
     }
     Ok(out)
 }
+
+// The lease of `lease`: $1 the execution ids, $2 their grant ids (one
+// each), $9 this backend's counter slot (NULL when metrics are off). One
+// claim leases one row, and a statement written for one key plans as index
+// lookups; the batch form's unnest, hash join and grouped count cost more
+// to start up than the one row costs to write, on every claim.
+macro_rules! lease_sql {
+    (with: $with:literal, grant: $grant:literal, from: $from:literal, count: $count:literal) => {
+        concat!(
+            $with,
+            "
+         e AS (
+             UPDATE ff_exec_core x SET lifecycle_phase = 'active', ownership_state = 'leased',
+                 eligibility_state = 'not_applicable', public_state = 'active',
+                 attempt_state = 'running_attempt', attempt_index = x.attempt_index + 1,
+                 started_at_ms = coalesce(x.started_at_ms, $5), lease_expires_at_ms = $6,
+                 current_worker_id = $3, current_worker_instance_id = $4, current_grant_id = ",
+            $grant,
+            "
+             ",
+            $from,
+            "
+             RETURNING x.execution_id, x.partition_key, x.lane_id, x.attempt_index, x.payload, ",
+            $grant,
+            " AS grant_id),
+         a AS (
+             INSERT INTO ff_attempt (execution_id, attempt_index, partition_key, worker_id,
+                 worker_instance_id, lease_expires_at_ms, started_at_ms)
+             SELECT e.execution_id, e.attempt_index, e.partition_key, $3, $4, $6, $5 FROM e),
+         g AS (
+             INSERT INTO ff_claim_grant (grant_id, partition_key, execution_id, worker_id, worker_instance_id,
+                 lane_id, kid, grant_ttl_ms, issued_at_ms, expires_at_ms)
+             SELECT e.grant_id, e.partition_key, e.execution_id, $3, $4, e.lane_id, $7, $8, $5, $6 FROM e),
+         m AS (
+             INSERT INTO ff_lane_counter AS c (lane_id, slot, claimed)
+             ",
+            $count,
+            "
+             ON CONFLICT (lane_id, slot) DO UPDATE SET claimed = c.claimed + EXCLUDED.claimed)
+         SELECT execution_id, partition_key, lane_id, attempt_index, payload FROM e"
+        )
+    };
+}
+const LEASE_ONE: &str = lease_sql!(
+    with: "WITH",
+    grant: "$2::bytea",
+    from: "WHERE x.execution_id = $1",
+    count: "SELECT lane_id, $9, 1 FROM e WHERE $9 IS NOT NULL"
+);
+const LEASE_MANY: &str = lease_sql!(
+    with: "WITH l AS (SELECT * FROM unnest($1::uuid[], $2::bytea[]) AS l(execution_id, grant_id)),",
+    grant: "l.grant_id",
+    from: "FROM l WHERE x.execution_id = l.execution_id AND x.execution_id = ANY ($1)",
+    count: "SELECT lane_id, $9, count(*) FROM e WHERE $9 IS NOT NULL GROUP BY lane_id"
+);
 
 /// Extends the lease of an execution the caller holds (after the fence).
 pub fn extend_lease(c: &mut SpiClient<'_>, uuid: &uuid::Uuid, attempt: i32, grant_id: &[u8], expires: i64) -> FfResult<()> {
@@ -873,6 +913,30 @@ pub fn block(c: &mut SpiClient<'_>, uuid: &pgrx::Uuid) -> FfResult<Blocked> {
     Ok(Blocked::Now(state))
 }
 
+// Blocked -> Waiting (or Delayed) for the downstreams $1 not held
+// elsewhere; `= $1` for one key (index lookups), `= ANY($1)` for many.
+macro_rules! unblock_sql {
+    ($key:literal) => {
+        concat!(
+            "WITH mine AS (SELECT execution_id FROM ff_exec_core
+                       WHERE execution_id ",
+            $key,
+            " AND lifecycle_phase = 'runnable'
+                         AND eligibility_state = 'blocked_by_dependencies'
+                       FOR NO KEY UPDATE SKIP LOCKED)
+         UPDATE ff_exec_core x
+         SET eligibility_state = CASE WHEN x.eligible_at_ms > $2 THEN 'not_eligible_until_time' ELSE 'eligible_now' END,
+             public_state = CASE WHEN x.eligible_at_ms > $2 THEN 'delayed' ELSE 'waiting' END
+         FROM mine WHERE x.execution_id = mine.execution_id AND x.execution_id ",
+            $key,
+            "
+         RETURNING x.execution_id, x.lane_id, x.eligibility_state = 'eligible_now'"
+        )
+    };
+}
+const UNBLOCK_ONE: &str = unblock_sql!("= $1");
+const UNBLOCK_MANY: &str = unblock_sql!("= ANY($1)");
+
 /// Blocked -> Waiting (or Delayed until eligible_at_ms) for downstreams
 /// whose group was satisfied. Rows held by another transaction are skipped
 /// and returned, for the repair pass. Notifies the lanes of what became
@@ -881,19 +945,10 @@ pub fn unblock(c: &mut SpiClient<'_>, uuids: &[pgrx::Uuid], now: i64) -> FfResul
     if uuids.is_empty() {
         return Ok(Vec::new());
     }
-    let t = exec(
-        c,
-        "WITH mine AS (SELECT execution_id FROM ff_exec_core
-                       WHERE execution_id = ANY($1) AND lifecycle_phase = 'runnable'
-                         AND eligibility_state = 'blocked_by_dependencies'
-                       FOR NO KEY UPDATE SKIP LOCKED)
-         UPDATE ff_exec_core x
-         SET eligibility_state = CASE WHEN x.eligible_at_ms > $2 THEN 'not_eligible_until_time' ELSE 'eligible_now' END,
-             public_state = CASE WHEN x.eligible_at_ms > $2 THEN 'delayed' ELSE 'waiting' END
-         FROM mine WHERE x.execution_id = mine.execution_id
-         RETURNING x.execution_id, x.lane_id, x.eligibility_state = 'eligible_now'",
-        &[uuids.to_vec().into(), now.into()],
-    )?;
+    let t = match uuids {
+        [one] => exec(c, UNBLOCK_ONE, &[(*one).into(), now.into()])?,
+        _ => exec(c, UNBLOCK_MANY, &[uuids.to_vec().into(), now.into()])?,
+    };
     let mut done = BTreeSet::new();
     let mut lanes = BTreeSet::new();
     for row in t {
@@ -985,16 +1040,24 @@ pub struct Ending<'a> {
 /// be ended under their flow's lock (`flow::lock`), which also takes the
 /// returned endings into the flow's counters and runs their cascade.
 pub fn finish(c: &mut SpiClient<'_>, uuids: &[pgrx::Uuid], e: &Ending<'_>, wait: Wait, now: i64) -> FfResult<Vec<Ended>> {
-    finish_with(c, uuids, e, wait, now, FINISH)
+    finish_with(c, uuids, e, wait, now, [FINISH_ONE, FINISH_MANY])
 }
 
 /// `finish` for one execution the caller holds that names no quota policy
 /// and no budget reserve (the fence read says so).
 pub fn finish_unshared(c: &mut SpiClient<'_>, uuid: &pgrx::Uuid, e: &Ending<'_>, now: i64) -> FfResult<Vec<Ended>> {
-    finish_with(c, &[*uuid], e, Wait::Held, now, FINISH_UNSHARED)
+    finish_with(c, &[*uuid], e, Wait::Held, now, [FINISH_UNSHARED_ONE, FINISH_UNSHARED_MANY])
 }
 
-fn finish_with(c: &mut SpiClient<'_>, uuids: &[pgrx::Uuid], e: &Ending<'_>, wait: Wait, now: i64, sql: &'static str) -> FfResult<Vec<Ended>> {
+/// `forms`: the statement for one execution, then for many.
+fn finish_with(
+    c: &mut SpiClient<'_>,
+    uuids: &[pgrx::Uuid],
+    e: &Ending<'_>,
+    wait: Wait,
+    now: i64,
+    forms: [&'static str; 2],
+) -> FfResult<Vec<Ended>> {
     if uuids.is_empty() {
         return Ok(Vec::new());
     }
@@ -1013,11 +1076,13 @@ fn finish_with(c: &mut SpiClient<'_>, uuids: &[pgrx::Uuid], e: &Ending<'_>, wait
     if locked.is_empty() {
         return Ok(Vec::new());
     }
+    let (sql, keys): (&'static str, DatumWithOid<'_>) =
+        if locked.len() == 1 { (forms[0], locked[0].into()) } else { (forms[1], locked.into()) };
     let t = exec(
         c,
         sql,
         &[
-            locked.into(),
+            keys,
             e.outcome.as_str().into(),
             e.outcome.public_state().into(),
             e.result.into(),
@@ -1050,24 +1115,30 @@ const LOCK_LIVE_SKIP: &str = "SELECT execution_id FROM ff_exec_core
 // table is nearly empty, and only a key condition keeps the plan a lookup
 // as the table grows.
 macro_rules! finish_sql {
-    ($releases:literal) => {
+    (key: $key:literal, count: $count:expr, releases: $releases:expr) => {
         concat!(
             "WITH old AS (
          SELECT execution_id, lifecycle_phase AS was, attempt_index, quota_policy_id FROM ff_exec_core
-         WHERE execution_id = ANY($1) AND lifecycle_phase <> 'terminal'),
+         WHERE execution_id ",
+            $key,
+            " AND lifecycle_phase <> 'terminal'),
      ended AS (
          UPDATE ff_exec_core x SET lifecycle_phase = 'terminal', ownership_state = 'unowned',
              eligibility_state = 'not_applicable', attempt_state = 'attempt_terminal',
              public_state = $3, terminal_outcome = $2, result = coalesce($4, x.result),
              last_error = coalesce($5, x.last_error), cancellation_reason = coalesce($6, x.cancellation_reason),
              terminal_at_ms = $7, lease_expires_at_ms = NULL, current_grant_id = NULL
-         FROM old WHERE x.execution_id = old.execution_id AND x.execution_id = ANY($1)
+         FROM old WHERE x.execution_id = old.execution_id AND x.execution_id ",
+            $key,
+            "
          RETURNING x.execution_id, x.partition_key, x.flow_id, x.namespace, x.instance_tag, x.lane_id,
                    old.was, old.attempt_index, old.quota_policy_id),
      att AS (
          UPDATE ff_attempt a SET outcome = $2, error = $5, terminal_at_ms = $7, lease_expires_at_ms = NULL
          FROM ended e WHERE e.was = 'active' AND a.execution_id = e.execution_id
-           AND a.attempt_index = e.attempt_index AND a.execution_id = ANY($1)),",
+           AND a.attempt_index = e.attempt_index AND a.execution_id ",
+            $key,
+            "),",
             $releases,
             "
      ev AS (
@@ -1078,31 +1149,62 @@ macro_rules! finish_sql {
          FROM ended),
      m AS (
          INSERT INTO ff_lane_counter AS c (lane_id, slot, completed, failed, expired)
-         SELECT lane_id, $9, count(*) FILTER (WHERE $2 = 'success'), count(*) FILTER (WHERE $2 = 'failed'),
-                count(*) FILTER (WHERE $2 = 'expired')
-         FROM ended WHERE $9 IS NOT NULL AND $2 IN ('success', 'failed', 'expired') GROUP BY lane_id
+         ",
+            $count,
+            "
          ON CONFLICT (lane_id, slot) DO UPDATE SET completed = c.completed + EXCLUDED.completed,
              failed = c.failed + EXCLUDED.failed, expired = c.expired + EXCLUDED.expired)
      SELECT execution_id, flow_id FROM ended"
         )
     };
 }
-const FINISH: &str = finish_sql!(
-    "
+macro_rules! finish_releasing_sql {
+    (key: $key:literal, count: $count:expr) => {
+        finish_sql!(key: $key, count: $count, releases: concat!(
+            "
      quota AS (
          DELETE FROM ff_quota_admitted q USING ended e
          WHERE e.was = 'active' AND q.quota_policy_id = e.quota_policy_id AND q.execution_id = e.execution_id
-           AND q.execution_id = ANY($1)),
+           AND q.execution_id ",
+            $key,
+            "),
      reserve AS (
          UPDATE ff_budget_usage_by_exec l SET reserved = 0, updated_at_ms = $7
          FROM ended e WHERE e.was = 'active' AND l.execution_id = e.execution_id AND l.reserved > 0
-           AND l.execution_id = ANY($1)),"
-);
+           AND l.execution_id ",
+            $key,
+            "),"
+        ))
+    };
+}
+// How the lane counters count what ended: grouped for many rows; for one
+// key (at most one row) without the aggregate, whose start-up would cost
+// more than the row.
+macro_rules! count_many {
+    () => {
+        "SELECT lane_id, $9, count(*) FILTER (WHERE $2 = 'success'), count(*) FILTER (WHERE $2 = 'failed'),
+                count(*) FILTER (WHERE $2 = 'expired')
+         FROM ended WHERE $9 IS NOT NULL AND $2 IN ('success', 'failed', 'expired') GROUP BY lane_id"
+    };
+}
+macro_rules! count_one {
+    () => {
+        "SELECT lane_id, $9, ($2 = 'success')::int, ($2 = 'failed')::int, ($2 = 'expired')::int
+         FROM ended WHERE $9 IS NOT NULL AND $2 IN ('success', 'failed', 'expired')"
+    };
+}
+// $1 is a uuid[] (`= ANY`) in the _MANY forms and one uuid in the _ONE
+// forms, which a single ending (a completion, a failure) uses: a key
+// written `= $1` plans as index lookups joined by nested loops, where the
+// array form starts up bitmap scans and a hash join on every call.
+const FINISH_MANY: &str = finish_releasing_sql!(key: "= ANY($1)", count: count_many!());
+const FINISH_ONE: &str = finish_releasing_sql!(key: "= $1", count: count_one!());
 // For an execution that names no quota policy and no budget reserve, so
 // holds neither: without those two releases the statement opens and locks
 // six relations fewer, which keeps a completion's relation locks closer to
 // the backend's fast-path slots (16).
-const FINISH_UNSHARED: &str = finish_sql!("");
+const FINISH_UNSHARED_MANY: &str = finish_sql!(key: "= ANY($1)", count: count_many!(), releases: "");
+const FINISH_UNSHARED_ONE: &str = finish_sql!(key: "= $1", count: count_one!(), releases: "");
 
 /// Active -> Waiting (or Delayed until `eligible_at_ms`) for an execution
 /// the caller holds: ends the running attempt and frees its quota slot and
