@@ -4,7 +4,7 @@
 # shapes, runs interleaved. Writes bench/out/versions.json and
 # bench/RESULTS-versions.md.
 #
-#   bench/versions.sh                    full run (~14 minutes once built; the first builds take ~10 more)
+#   bench/versions.sh                    full run (~20 minutes once built; the first builds take ~10 more)
 #   VERSIONS_QUICK=1 bench/versions.sh   smoke run (3-6 minutes once built, depending on other load)
 #   VERSIONS_BUILD_ONLY=1 bench/versions.sh   only build and install both versions
 #

@@ -72,7 +72,7 @@ def render(res):
         w("**Quick mode**: short runs and two repetitions: a smoke test of the harness, not a verdict.\n")
 
     w("## How to rerun\n")
-    w("```sh\nbench/versions.sh                    # full run: 3 repetitions, ~14 minutes once built\n"
+    w("```sh\nbench/versions.sh                    # full run: 5 repetitions, ~20 minutes once built\n"
       "VERSIONS_QUICK=1 bench/versions.sh   # smoke run: 2 short repetitions, 3-6 minutes once built\n"
       "python3 bench/versions.py --report   # rewrite this page from bench/out/versions.json\n```\n")
     w(f"`bench/versions.sh` builds release {old} from git history (`git archive {meta.get('old_commit', '?')}`, "
@@ -162,7 +162,10 @@ def render(res):
           "(0.2.0: unqualified names in `public`; current: `flowfabric.`-qualified). One database per version "
           "and client count; the lane is topped up before every run (0.2.0 through `ff_create_execution`, the "
           "current version through `ff_create_executions`: plain executions either way) and checked never to "
-          "run dry.\n")
+          "run dry. Before the first repetition each database runs 2 s of the same cycles, unmeasured: both "
+          "versions plan each statement once per session, and a first run planned against empty `ff_attempt` "
+          "and `ff_claim_grant` tables would keep 0.2.0 on sequential scans of them for the whole run (its own "
+          "bug, fixed in 0.3.0; not what this row compares).\n")
     if res.get("usage"):
         u = res["usage"]
         w(f"**ff_report_usage, 64 budgets** ({u['seconds']} s per run, {u['reps']} repetitions). "
