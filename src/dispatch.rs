@@ -323,47 +323,34 @@ const RESOLVE_MANY: &str = "UPDATE ff_edge e SET resolution = w.b
        AND e.edge_state = 'applied' AND e.resolution IS NULL
      RETURNING e.downstream_eid, e.resolution";
 
-/// Marks resolved the applied, unresolved edges leaving `wave`, each with
-/// its upstream's outcome bucket, and returns them (downstream, bucket).
-/// Marking the edge resolved first is what makes a replayed or duplicate
-/// ending count each upstream once per group.
+/// One wave: resolves every applied, unresolved edge leaving `wave` and
+/// counts them. Returns the number of edges resolved and what ended next.
 ///
 /// The statements joined to an array also say `= ANY (array)`: that gives
 /// the planner an index condition whichever side it drives the join from,
 /// so a wave costs the same however large the flow (a plan cached while the
 /// tables were small would otherwise filter the whole flow on every hop).
-pub fn resolve_edges(c: &mut SpiClient<'_>, wave: &[Ended]) -> FfResult<Vec<(Uuid, Bucket)>> {
-    let t = match wave {
-        [] => return Ok(Vec::new()),
-        [one] => exec(c, RESOLVE_ONE, &[one.uuid.into(), one.outcome.bucket().as_str().into()])?,
-        _ => {
-            let ups: Vec<Uuid> = wave.iter().map(|e| e.uuid).collect();
-            let buckets: Vec<String> = wave.iter().map(|e| e.outcome.bucket().as_str().to_string()).collect();
-            exec(c, RESOLVE_MANY, &[ups.into(), buckets.into()])?
-        }
+fn step(c: &mut SpiClient<'_>, lock: &FlowLock, wave: &[Ended], now: i64) -> FfResult<(i32, Vec<Ended>)> {
+    let ups: Vec<Uuid> = wave.iter().map(|e| e.uuid).collect();
+    let buckets: Vec<String> = wave.iter().map(|e| e.outcome.bucket().as_str().to_string()).collect();
+    // Marking the edge resolved first is what makes a replayed or duplicate
+    // ending count each upstream once per group.
+    let t = if wave.len() == 1 {
+        exec(c, RESOLVE_ONE, &[ups[0].into(), buckets[0].as_str().into()])?
+    } else {
+        exec(c, RESOLVE_MANY, &[ups.into(), buckets.into()])?
     };
-    let mut out = Vec::new();
+    let mut deltas: BTreeMap<[u8; 16], (Uuid, Delta)> = BTreeMap::new();
+    let mut resolved = 0;
     for row in t {
         let Some(down) = row.get::<Uuid>(1)? else { continue };
-        out.push((down, Bucket::parse(&row.get::<String>(2)?.unwrap_or_default())));
-    }
-    Ok(out)
-}
-
-/// One wave: resolves every applied, unresolved edge leaving `wave` and
-/// counts them, with `early` (edges of the wave its caller resolved before
-/// taking the flow row). Returns the number of edges resolved and what
-/// ended next.
-fn step(c: &mut SpiClient<'_>, lock: &FlowLock, wave: &[Ended], early: Vec<(Uuid, Bucket)>, now: i64) -> FfResult<(i32, Vec<Ended>)> {
-    let mut resolved = early;
-    resolved.extend(resolve_edges(c, wave)?);
-    let mut deltas: BTreeMap<[u8; 16], (Uuid, Delta)> = BTreeMap::new();
-    for (down, bucket) in &resolved {
-        deltas.entry(*down.as_bytes()).or_insert((*down, Delta::default())).1.add(Delta::resolve(false, Some(*bucket)));
+        let bucket = Bucket::parse(&row.get::<String>(2)?.unwrap_or_default());
+        deltas.entry(*down.as_bytes()).or_insert((down, Delta::default())).1.add(Delta::resolve(false, Some(bucket)));
+        resolved += 1;
     }
     let mut next = Vec::new();
     count(c, lock, &deltas, now, &mut next)?;
-    Ok((resolved.len() as i32, next))
+    Ok((resolved, next))
 }
 
 /// Runs the cascade of executions that just ended in the locked flow, to
@@ -371,22 +358,20 @@ fn step(c: &mut SpiClient<'_>, lock: &FlowLock, wave: &[Ended], early: Vec<(Uuid
 /// number of edges the first wave resolved.
 pub fn cascade(lock: &mut FlowLock, ended: Vec<Ended>, now: i64) -> FfResult<i32> {
     lock.record_ended(&ended);
-    run_waves(lock, ended, Vec::new(), now)
+    run_waves(lock, ended, now)
 }
 
 /// Runs the cascade of executions whose endings are already in the flow's
 /// counters (counted when the flow was taken, or ended earlier with their
-/// edges left unresolved). `early`: edges of `wave` resolved before the
-/// flow row was taken, counted with the first wave.
-pub fn cascade_counted(lock: &mut FlowLock, wave: Vec<Ended>, early: Vec<(Uuid, Bucket)>, now: i64) -> FfResult<i32> {
-    run_waves(lock, wave, early, now)
+/// edges left unresolved).
+pub fn cascade_counted(lock: &mut FlowLock, wave: Vec<Ended>, now: i64) -> FfResult<i32> {
+    run_waves(lock, wave, now)
 }
 
-fn run_waves(lock: &mut FlowLock, mut wave: Vec<Ended>, early: Vec<(Uuid, Bucket)>, now: i64) -> FfResult<i32> {
+fn run_waves(lock: &mut FlowLock, mut wave: Vec<Ended>, now: i64) -> FfResult<i32> {
     let mut first = None;
-    let mut early = Some(early);
     while !wave.is_empty() {
-        let (resolved, next) = with_spi(|c| step(c, lock, &wave, early.take().unwrap_or_default(), now))?;
+        let (resolved, next) = with_spi(|c| step(c, lock, &wave, now))?;
         first.get_or_insert(resolved);
         lock.record_ended(&next);
         wave = next;
@@ -399,14 +384,12 @@ fn run_waves(lock: &mut FlowLock, mut wave: Vec<Ended>, early: Vec<(Uuid, Bucket
 /// lock. A member of a flow being cancelled cannot complete or fail: its
 /// lease is as good as stale (55000) and it ends cancelled.
 ///
-/// The execution's own rows, and the resolution of its applied edges, are
-/// written before the flow row is taken: they move only with this ending
-/// (lock order 1 and 1b), and every completion of a flow's members queues
-/// on its flow row until commit, so only the group work stays inside that
-/// queue. An edge applied in between reads the upstream as still live; the
-/// cascade resolves the upstream's edges once more after the flow row is
-/// granted (a new statement, so READ COMMITTED sees that edge) and counts
-/// both sets.
+/// The execution's own rows are ended before the flow row is taken: they
+/// belong to the execution alone (lock order 1), and every completion of a
+/// flow's members queues on its flow row until commit, so only the edge and
+/// group work stays inside that queue. An edge applied in between reads the
+/// upstream as still live and is resolved by this cascade, whose statements
+/// start after the flow row is granted (READ COMMITTED sees the edge).
 /// `shares`: it names a quota policy or a budget reserve (when unsure, true).
 pub fn end_held(c: &mut SpiClient<'_>, uuid: &Uuid, flow: Option<Uuid>, shares: bool, ending: &Ending<'_>, now: i64) -> FfResult<()> {
     let ended = if shares {
@@ -415,7 +398,6 @@ pub fn end_held(c: &mut SpiClient<'_>, uuid: &Uuid, flow: Option<Uuid>, shares: 
         exec::finish_unshared(c, uuid, ending, now)?
     };
     let Some(f) = flow else { return Ok(()) };
-    let early = resolve_edges(c, &ended)?;
     let Some(mut lock) = flow::lock_counting(c, &f, &ended, now)? else { return Ok(()) };
     if lock.cancel_requested && ending.outcome != Outcome::Cancelled {
         // Raising undoes the ending and its counting with the rest of the statement.
@@ -424,7 +406,7 @@ pub fn end_held(c: &mut SpiClient<'_>, uuid: &Uuid, flow: Option<Uuid>, shares: 
             lock.id
         )));
     }
-    cascade_counted(&mut lock, ended, early, now)?;
+    cascade_counted(&mut lock, ended, now)?;
     flow::release(c, lock, now)
 }
 
@@ -476,7 +458,7 @@ pub fn dispatch_event(c: &mut SpiClient<'_>, event_id: i64, wait: Wait) -> FfRes
     // The execution ended when its event was written: only its edges move
     // now, not the flow's member counters.
     let wave = vec![Ended { uuid: upstream, flow: Some(lock.id), outcome }];
-    let resolved = run_waves(&mut lock, wave, Vec::new(), now)?;
+    let resolved = run_waves(&mut lock, wave, now)?;
     flow::release(c, lock, now)?;
     Ok(Dispatched::Advanced(resolved))
 }

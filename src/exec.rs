@@ -25,12 +25,6 @@
 //! 1. The execution row a call names: the claim's pick (`SKIP LOCKED`), the
 //!    fence of renew / complete / fail, `ff_record_spend`, `ff_cancel_execution`,
 //!    `ff_add_execution_to_flow`.
-//!    1b. When that execution ends as a flow member: its applied edges,
-//!    marked resolved just before the flow row is taken. Nothing that holds
-//!    a flow row waits for them: an edge's resolution moves only with its
-//!    upstream's ending, and only whoever holds the upstream's row ends it
-//!    (apply touches pending edges; the repair pass, edges whose upstream
-//!    has committed its ending).
 //! 2. The flow row of that execution (`flow::lock`). Everything that changes
 //!    a flow's graph, or counts and cascades the ending of one of its
 //!    members, holds it (a member's own rows are ended just before).

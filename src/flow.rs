@@ -9,9 +9,7 @@
 //! the execution row a call names), so building a flow while its members run
 //! is serialised with the cascade: an edge applied while its upstream ends
 //! either sees the ending or is resolved by the cascade that follows it
-//! (the member's own rows are ended, and its applied edges marked resolved,
-//! just before its flow row is taken; under it the cascade resolves again
-//! whatever was applied meanwhile).
+//! (the member's own rows are ended just before its flow row is taken).
 
 use crate::db::{col, col_req, exec, first_row, now_ms, with_spi};
 use crate::dispatch::{self, count, Delta, GroupPolicy};

@@ -431,7 +431,7 @@ fn repair_graph(c: &mut SpiClient<'_>) -> FfResult<Value> {
             wave.push(Ended { uuid: up, flow: Some(lock.id), outcome });
         }
         let n = wave.len() as i64;
-        dispatch::cascade_counted(lock, wave, Vec::new(), now)?;
+        dispatch::cascade_counted(lock, wave, now)?;
         Ok(n)
     });
 
