@@ -48,6 +48,8 @@ from psycopg.types.json import Jsonb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(REPO, "router"))
+from shardkit import postmaster_cpu_seconds  # noqa: E402  (the scale benchmark's server kit)
 OUT = os.path.join(HERE, "out")
 LOGS = os.path.join(REPO, "target", "bench-versions", "logs")   # pgbench output per run (not kept in git)
 JSON_OUT = os.path.join(OUT, "versions.json")
@@ -240,38 +242,20 @@ QUIET_LEFT = {"s": CFG["quiet_budget_s"]}
 RETRIES_LEFT = {"n": CFG["retry_pairs"]}
 
 
-def _stat(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        # after the comm: state ppid ... utime(12) stime(13) cutime(14) cstime(15)
-        return int(fields[1]), sum(int(x) for x in fields[11:15])
-    except (OSError, IndexError, ValueError):
-        return None, 0
-
-
 def cpu_snapshot():
     """(busy CPU seconds of the whole machine, CPU seconds of this benchmark)."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
     busy = (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / HZ
-    pms = set()
-    for side in SIDES:
-        try:
-            with open(os.path.join(side.data, "postmaster.pid")) as f:
-                pms.add(int(f.readline()))
-        except (OSError, ValueError):
-            pass
-    ours = sum(_stat(pm)[1] for pm in pms)
-    if pms:
-        for d in os.listdir("/proc"):
-            if d.isdigit():
-                ppid, t = _stat(d)
-                if ppid in pms:
-                    ours += t
+    ours = sum(server_cpu(side) for side in SIDES)
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     me = os.times()
-    return busy, ours / HZ + ru.ru_utime + ru.ru_stime + me.user + me.system
+    return busy, ours + ru.ru_utime + ru.ru_stime + me.user + me.system
+
+
+def server_cpu(side):
+    """CPU seconds the side's server has used so far (reaped backends included)."""
+    return postmaster_cpu_seconds(side.data)
 
 
 def foreign_cores(before, after, seconds):
@@ -312,13 +296,16 @@ class Meter:
         self.waited, self.load_before = wait_for_quiet()
         self.s0 = self._stats()
         self.c0, self.t0 = cpu_snapshot(), time.perf_counter()
+        self.server0 = server_cpu(self.side)
         return self
 
     def __exit__(self, *exc):
         self.elapsed = time.perf_counter() - self.t0
         self.foreign = foreign_cores(self.c0, cpu_snapshot(), self.elapsed)
-        # Backends flush their counters when they exit; give the last ones a moment.
+        # Backends flush their counters when they exit; give the last ones a
+        # moment (and the postmaster time to reap them, so their CPU counts).
         time.sleep(0.2)
+        self.server = server_cpu(self.side) - self.server0
         s1 = self._stats()
         self.delta = dict(zip(("xacts", "ins", "upd", "del", "blks", "wal_records", "wal_bytes"),
                               (b - a for a, b in zip(self.s0, s1))))
@@ -334,7 +321,9 @@ class Meter:
                            "inserted": round(d["ins"] / ops, 2), "updated": round(d["upd"] / ops, 2),
                            "deleted": round(d["del"] / ops, 2), "buffers": round(d["blks"] / ops, 1),
                            "wal_records": round(d["wal_records"] / ops, 2), "wal_bytes": round(d["wal_bytes"] / ops),
-                           "commits": round(d["xacts"] / ops, 2)}
+                           "commits": round(d["xacts"] / ops, 2),
+                           # CPU ticks at 100 Hz: +-10 ms over the run.
+                           "server_cpu_us": round(self.server * 1e6 / ops)}
         return r
 
 

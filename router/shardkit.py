@@ -69,25 +69,35 @@ class Server:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def cpu_seconds(self):
-        """CPU time used so far by the postmaster and its live children."""
-        try:
-            with open(os.path.join(self.data, "postmaster.pid")) as f:
-                pm = int(f.readline())
-        except (OSError, ValueError):
-            return 0.0
-        total = _stat(pm)[1]
-        for d in os.listdir("/proc"):
-            if d.isdigit() and _stat(d)[0] == pm:
-                total += _stat(d)[1]
-        return total / HZ
+        return postmaster_cpu_seconds(self.data)
+
+
+def postmaster_cpu_seconds(data):
+    """CPU seconds used so far by the server in `data`: its postmaster, the
+    backends it has reaped (the postmaster's children times) and those still
+    running."""
+    try:
+        with open(os.path.join(data, "postmaster.pid")) as f:
+            pm = int(f.readline())
+    except (OSError, ValueError):
+        return 0.0
+    total = _stat(pm)[1]
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            ppid, t = _stat(d)
+            if ppid == pm:
+                total += t
+    return total / HZ
 
 
 def _stat(pid):
-    """(ppid, utime + stime in ticks) of a process, (None, 0) when gone."""
+    """(ppid, CPU ticks) of a process: its own user and system time and
+    that of the children it has waited for; (None, 0) when gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[1]), int(fields[11]) + int(fields[12])
+        # after the comm: state ppid ... utime(12) stime(13) cutime(14) cstime(15)
+        return int(fields[1]), sum(int(x) for x in fields[11:15])
     except (OSError, IndexError, ValueError):
         return None, 0
 
