@@ -23,15 +23,19 @@ NOTES = {
         "dedup outcome when asked (neither here), and confirms the budget has no other dimension (a budget "
         "it does not find goes down the general path, which answers P0002)."),
     "fanin": (
-        "In 0.3.0 every completion of a flow member, right after the fence has locked the execution, takes "
-        "the flow's row (`FOR NO KEY UPDATE`, lock order 2 of `src/exec.rs`: what makes building a flow "
-        "while its members end race-free and deadlock-free, issue 11) and holds it to commit while it ends "
-        "the execution, resolves the edge, updates the sink's group and, on release, the flow's live/failed "
-        "counts. So completions of one flow serialise over nearly their whole transaction; in 0.2.0 they "
-        "serialised only on the sink's edge-group row, taken late in the transaction. With 1 client nothing "
-        "waits and the row shows the per-call cost (more rows and WAL per middle, in the table above); with 4 "
-        "and 16 "
-        "clients it shows the longer serialised section: adding clients adds no throughput."),
+        "In 0.3.0 every completion of a flow member ends its own rows, then takes the flow's row "
+        "(`FOR NO KEY UPDATE`, lock order 2 of `src/exec.rs`: what makes building a flow while its members "
+        "end race-free and deadlock-free, issue 11) and holds it to commit while it resolves its edge and "
+        "counts the sink's group; in 0.2.0 completions queued on the sink's group row alone. Both versions "
+        "thus serialise the 1,000 completions on one row. The row is not what the 16-client figure "
+        "measures: on this machine, alternating A/B drains at 16 clients (`bench/ab_fanin.py`, 6-10 "
+        "repetitions) moved it by 1.04x and 1.12x with a build that skips the flow row altogether (unsafe, "
+        "for measuring only), 0.93-1.06x with the edge and group statements merged into one, 1.06x with "
+        "three indexes and the metrics upsert dropped, 0.91x with an advisory lock queue in place of the row "
+        "wait. What differs is the server's CPU per middle (last column above): 0.3.0 spends less than 0.2.0 "
+        "with one client and more with 16, and its cost grows faster with clients; at 16 clients both "
+        "versions keep the 2 cores busy, so CPU per middle is the rate. perf spreads the extra over buffer "
+        "and index lookups, executor start-up and context switches, with no single hot spot."),
 }
 
 TITLES = {
@@ -74,7 +78,8 @@ def render(res):
     w("## How to rerun\n")
     w("```sh\nbench/versions.sh                    # full run: 5 repetitions, ~20 minutes once built\n"
       "VERSIONS_QUICK=1 bench/versions.sh   # smoke run: 2 short repetitions, 3-6 minutes once built\n"
-      "python3 bench/versions.py --report   # rewrite this page from bench/out/versions.json\n```\n")
+      "python3 bench/versions.py --report   # rewrite this page from bench/out/versions.json\n"
+      "python3 bench/ab_fanin.py            # two builds of this version on the fan-in (see its header)\n```\n")
     w(f"`bench/versions.sh` builds release {old} from git history (`git archive {meta.get('old_commit', '?')}`, "
       "the last commit that carried it; `cargo pgrx package` without `--debug`, into `target/old-release/0.2.0`, "
       "once: the packages of `scripts/old-builds.sh` are debug builds), packages the current tree "
@@ -192,9 +197,11 @@ def render(res):
     w(f"Rates of every repetition (in order), median latency from pgbench, and what the server did per "
       "operation (cycle, report, or fan-in middle), from `pg_stat_database` and `pg_stat_wal` deltas over "
       "the run: rows written (tuples inserted + updated + deleted, all tables), WAL, buffers touched, "
-      "commits.\n")
-    w(f"| workload | clients | version | rates per rep | latency ms | rows written / op | WAL bytes / op | WAL records / op | buffers / op | commits / op |")
-    w("|---|---:|---|---|---:|---:|---:|---:|---:|---:|")
+      "commits; and the server's CPU per operation (user + system time of the postmaster and every backend "
+      "over the run, read from `/proc` at 100 Hz, so +-10 ms over a run: a short fan-in drain reads to a few "
+      "percent).\n")
+    w(f"| workload | clients | version | rates per rep | latency ms | rows written / op | WAL bytes / op | WAL records / op | buffers / op | commits / op | server CPU us / op |")
+    w("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for key, r in all_rows:
         for v in (old, cur):
             s = r[v]
@@ -202,7 +209,7 @@ def render(res):
             lat = "-" if key == "fanin" or not s.get("lat_ms") else f"{s['lat_ms']:.3f}"
             w(f"| {TITLES[key][0]} | {r['clients']} | {v} | {' '.join(f0(x) for x in s['all_rates'])} | {lat} | "
               f"{f2(po.get('rows_written'))} | {f0(po.get('wal_bytes'))} | {f2(po.get('wal_records'))} | "
-              f"{f2(po.get('buffers'), 1)} | {f2(po.get('commits'))} |")
+              f"{f2(po.get('buffers'), 1)} | {f2(po.get('commits'))} | {f0(po.get('server_cpu_us'))} |")
     w("")
     if res.get("fanin"):
         w("Fan-in, outside the figure (each repetition, in order):\n")
@@ -230,7 +237,7 @@ def render(res):
             counted = "; ".join(
                 f"{label} {f2(med(old, k), d)} in {old}, {f2(med(cur, k), d)} in {cur}"
                 for label, k, d in (("rows written", "rows_written", 2), ("WAL records", "wal_records", 1),
-                                    ("buffers", "buffers", 0)))
+                                    ("buffers", "buffers", 0), ("server CPU us", "server_cpu_us", 0)))
             w(f"**{TITLES[key][0]}** ({figures}). " + NOTES[key]
               + f" Measured per operation (median over the client counts): {counted}.\n")
 
