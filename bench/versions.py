@@ -247,15 +247,10 @@ def cpu_snapshot():
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
     busy = (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / HZ
-    ours = sum(server_cpu(side) for side in SIDES)
+    ours = sum(postmaster_cpu_seconds(side.data) for side in SIDES)
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     me = os.times()
     return busy, ours + ru.ru_utime + ru.ru_stime + me.user + me.system
-
-
-def server_cpu(side):
-    """CPU seconds the side's server has used so far (reaped backends included)."""
-    return postmaster_cpu_seconds(side.data)
 
 
 def foreign_cores(before, after, seconds):
@@ -296,7 +291,7 @@ class Meter:
         self.waited, self.load_before = wait_for_quiet()
         self.s0 = self._stats()
         self.c0, self.t0 = cpu_snapshot(), time.perf_counter()
-        self.server0 = server_cpu(self.side)
+        self.server0 = postmaster_cpu_seconds(self.side.data)
         return self
 
     def __exit__(self, *exc):
@@ -305,7 +300,7 @@ class Meter:
         # Backends flush their counters when they exit; give the last ones a
         # moment (and the postmaster time to reap them, so their CPU counts).
         time.sleep(0.2)
-        self.server = server_cpu(self.side) - self.server0
+        self.server = postmaster_cpu_seconds(self.side.data) - self.server0
         s1 = self._stats()
         self.delta = dict(zip(("xacts", "ins", "upd", "del", "blks", "wal_records", "wal_bytes"),
                               (b - a for a, b in zip(self.s0, s1))))
