@@ -82,6 +82,21 @@ fn cached_plan(
     Ok(plan)
 }
 
+/// A statement over a set of executions (or edges, or groups) comes in two
+/// forms written from one text, `[one, many]`: keyed `= $1` for a single id
+/// (index lookups, nothing to start up) and `= ANY ($1)` for several (one
+/// index scan over the sorted keys). Returns the form for `ids` and its key
+/// argument. The array form never joins the array to a table: joined, a
+/// cached generic plan may put the array on the inner side of a nested loop
+/// and redo it for every row, which made a cascade quadratic in its width.
+/// Rows that need different values go in one statement per value.
+pub fn keyed<'a>(forms: [&'static str; 2], ids: &[pgrx::Uuid]) -> (&'static str, DatumWithOid<'a>) {
+    match ids {
+        [one] => (forms[0], (*one).into()),
+        _ => (forms[1], ids.to_vec().into()),
+    }
+}
+
 /// Typed read of column `ordinal` (1-based) of the current row.
 pub fn col<T: FromDatum + IntoDatum>(table: &SpiTupleTable<'_>, ordinal: usize) -> FfResult<Option<T>> {
     Ok(table.get::<T>(ordinal)?)

@@ -14,7 +14,7 @@
 //! Each wave is set-based (a few statements however wide) and runs in its
 //! own SPI connection, so a cascade of any length uses bounded memory.
 
-use crate::db::{col, col_req, exec, first_row, now_ms, with_spi};
+use crate::db::{col, col_req, exec, first_row, keyed, now_ms, with_spi};
 use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::exec::{self, Bucket, Ended, Ending, Outcome, Wait};
 use crate::flow::{self, FlowLock};
@@ -121,7 +121,7 @@ pub fn decide(policy: GroupPolicy, n: Counts) -> Decision {
 }
 
 /// A change to the counters of one group.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Delta {
     pub pending: i32,
     pub running: i32,
@@ -162,20 +162,22 @@ impl Delta {
     }
 }
 
-// Adds the deltas ($2..$6: pending, running, success, fail, skip) to the
-// groups of the downstreams $1 and returns them; the one-key form for a
-// single group, as with RESOLVE_ONE.
-const COUNT_ONE: &str = "UPDATE ff_edge_group g SET pending_count = g.pending_count + $2, running_count = g.running_count + $3,
+// Adds one delta ($2..$6: pending, running, success, fail, skip) to the
+// groups of the downstreams $1 and returns them (see `keyed`).
+macro_rules! count_sql {
+    ($key:literal) => {
+        concat!(
+            "UPDATE ff_edge_group g SET pending_count = g.pending_count + $2, running_count = g.running_count + $3,
          success_count = g.success_count + $4, fail_count = g.fail_count + $5, skip_count = g.skip_count + $6
-     WHERE g.downstream_eid = $1
+     WHERE g.downstream_eid ",
+            $key,
+            "
      RETURNING g.downstream_eid, g.policy, g.pending_count, g.running_count, g.success_count, g.fail_count,
-               g.skip_count, g.group_state";
-const COUNT_MANY: &str = "UPDATE ff_edge_group g SET pending_count = g.pending_count + d.p, running_count = g.running_count + d.r,
-         success_count = g.success_count + d.s, fail_count = g.fail_count + d.f, skip_count = g.skip_count + d.k
-     FROM unnest($1::uuid[], $2::int[], $3::int[], $4::int[], $5::int[], $6::int[]) AS d(down, p, r, s, f, k)
-     WHERE g.downstream_eid = d.down AND g.downstream_eid = ANY ($1)
-     RETURNING g.downstream_eid, g.policy, g.pending_count, g.running_count, g.success_count, g.fail_count,
-               g.skip_count, g.group_state";
+               g.skip_count, g.group_state"
+        )
+    };
+}
+const COUNT: [&str; 2] = [count_sql!("= $1"), count_sql!("= ANY ($1)")];
 
 /// The one place edge resolutions are counted, for `apply` and for the
 /// cascade alike: adds the deltas to their groups and fires each group that
@@ -184,43 +186,40 @@ pub fn count(c: &mut SpiClient<'_>, lock: &FlowLock, deltas: &BTreeMap<[u8; 16],
     if deltas.is_empty() {
         return Ok(());
     }
-    let (mut downs, mut p, mut r, mut s, mut f, mut k) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    // One statement per distinct delta: a wave's groups mostly share one
+    // (a fan-out's downstreams each gain one success).
+    let mut by_delta: BTreeMap<Delta, Vec<Uuid>> = BTreeMap::new();
     for (down, d) in deltas.values() {
-        downs.push(*down);
-        p.push(d.pending);
-        r.push(d.running);
-        s.push(d.success);
-        f.push(d.fail);
-        k.push(d.skip);
+        by_delta.entry(*d).or_default().push(*down);
     }
-    let t = if deltas.len() == 1 {
-        exec(c, COUNT_ONE, &[downs[0].into(), p[0].into(), r[0].into(), s[0].into(), f[0].into(), k[0].into()])?
-    } else {
-        exec(c, COUNT_MANY, &[downs.into(), p.into(), r.into(), s.into(), f.into(), k.into()])?
-    };
     let mut decided = Vec::new();
-    for row in t {
-        if row.get::<String>(8)?.as_deref() != Some("pending") {
-            continue; // fired already: counters only
-        }
-        let down: Uuid = row.get(1)?.ok_or_else(|| FfError::internal("NULL downstream"))?;
-        // A group is decided when one of its edges resolves (or on a repair
-        // pass's zero delta), never when an edge merely starts waiting: a flow
-        // built edge by edge would otherwise look short of its quorum.
-        if deltas.get(down.as_bytes()).is_some_and(|(_, d)| d.only_starts_waiting()) {
-            continue;
-        }
-        let policy = GroupPolicy::from_stored(&row.get::<JsonB>(2)?.map(|j| j.0).unwrap_or_default())?;
-        let counts = Counts {
-            pending: row.get(3)?.unwrap_or(0),
-            running: row.get(4)?.unwrap_or(0),
-            success: row.get(5)?.unwrap_or(0),
-            fail: row.get(6)?.unwrap_or(0),
-            skip: row.get(7)?.unwrap_or(0),
-        };
-        match decide(policy, counts) {
-            Decision::Pending => {}
-            d => decided.push((down, d)),
+    for (d, downs) in &by_delta {
+        let (sql, key) = keyed(COUNT, downs);
+        let t = exec(c, sql, &[key, d.pending.into(), d.running.into(), d.success.into(), d.fail.into(), d.skip.into()])?;
+        for row in t {
+            if row.get::<String>(8)?.as_deref() != Some("pending") {
+                continue; // fired already: counters only
+            }
+            // A group is decided when one of its edges resolves (or on a
+            // repair pass's zero delta), never when an edge merely starts
+            // waiting: a flow built edge by edge would otherwise look short
+            // of its quorum.
+            if d.only_starts_waiting() {
+                continue;
+            }
+            let down: Uuid = row.get(1)?.ok_or_else(|| FfError::internal("NULL downstream"))?;
+            let policy = GroupPolicy::from_stored(&row.get::<JsonB>(2)?.map(|j| j.0).unwrap_or_default())?;
+            let counts = Counts {
+                pending: row.get(3)?.unwrap_or(0),
+                running: row.get(4)?.unwrap_or(0),
+                success: row.get(5)?.unwrap_or(0),
+                fail: row.get(6)?.unwrap_or(0),
+                skip: row.get(7)?.unwrap_or(0),
+            };
+            match decide(policy, counts) {
+                Decision::Pending => {}
+                d => decided.push((down, d)),
+            }
         }
     }
     fire(c, lock, &decided, now, ended)
@@ -278,21 +277,25 @@ pub fn fire(c: &mut SpiClient<'_>, _held: &FlowLock, decided: &[(Uuid, Decision)
         ended.extend(done);
     }
 
-    let downs: Vec<Uuid> = decided.iter().map(|(u, _)| *u).collect();
-    let states: Vec<String> = decided
-        .iter()
-        .map(|(_, d)| if *d == Decision::Impossible { "impossible" } else { "satisfied" }.to_string())
-        .collect();
-    let settled: Vec<bool> = downs.iter().map(|u| !unsettled.contains(u.as_bytes())).collect();
-    exec(
-        c,
-        "UPDATE ff_edge_group g SET group_state = d.state, settled = d.settled
-         FROM unnest($1::uuid[], $2::text[], $3::bool[]) AS d(down, state, settled)
-         WHERE g.downstream_eid = d.down AND g.downstream_eid = ANY ($1)",
-        &[downs.into(), states.into(), settled.into()],
-    )?;
+    // Each group's state, one statement per (state, settled) pair.
+    let mut by_outcome: BTreeMap<(&str, bool), Vec<Uuid>> = BTreeMap::new();
+    for (down, d) in decided {
+        let state = if *d == Decision::Impossible { "impossible" } else { "satisfied" };
+        by_outcome.entry((state, !unsettled.contains(down.as_bytes()))).or_default().push(*down);
+    }
+    for ((state, settled), downs) in &by_outcome {
+        let (sql, key) = keyed(SETTLE, downs);
+        exec(c, sql, &[key, (*state).into(), (*settled).into()])?;
+    }
     Ok(())
 }
+
+macro_rules! settle_sql {
+    ($key:literal) => {
+        concat!("UPDATE ff_edge_group g SET group_state = $2, settled = $3 WHERE g.downstream_eid ", $key)
+    };
+}
+const SETTLE: [&str; 2] = [settle_sql!("= $1"), settle_sql!("= ANY ($1)")];
 
 /// Of `asked`, those not in `done` that are still live: held by another
 /// transaction, so their part of a decision is left to the repair pass.
@@ -310,43 +313,43 @@ fn still_live(c: &mut SpiClient<'_>, asked: &[Uuid], done: &[Ended]) -> FfResult
     Ok(t.filter_map(|r| r.get::<Uuid>(1).ok().flatten()).collect())
 }
 
-// Resolves the applied, unresolved edges leaving the upstreams $1 with
-// their outcome buckets $2. A wave of one (a chain's hop, a member's own
-// completion) uses the form keyed by one id: index lookups, where the
-// array form starts up an unnest and a join on every call.
-const RESOLVE_ONE: &str = "UPDATE ff_edge e SET resolution = $2
-     WHERE e.upstream_eid = $1 AND e.edge_state = 'applied' AND e.resolution IS NULL
-     RETURNING e.downstream_eid, e.resolution";
-const RESOLVE_MANY: &str = "UPDATE ff_edge e SET resolution = w.b
-     FROM unnest($1::uuid[], $2::text[]) AS w(u, b)
-     WHERE e.upstream_eid = w.u AND e.upstream_eid = ANY ($1)
-       AND e.edge_state = 'applied' AND e.resolution IS NULL
-     RETURNING e.downstream_eid, e.resolution";
+// Resolves the applied, unresolved edges leaving the upstreams $1 as $2
+// (see `keyed`).
+macro_rules! resolve_sql {
+    ($key:literal) => {
+        concat!(
+            "UPDATE ff_edge e SET resolution = $2
+     WHERE e.upstream_eid ",
+            $key,
+            " AND e.edge_state = 'applied' AND e.resolution IS NULL
+     RETURNING e.downstream_eid"
+        )
+    };
+}
+const RESOLVE: [&str; 2] = [resolve_sql!("= $1"), resolve_sql!("= ANY ($1)")];
 
 /// One wave: resolves every applied, unresolved edge leaving `wave` and
 /// counts them. Returns the number of edges resolved and what ended next.
-///
-/// The statements joined to an array also say `= ANY (array)`: that gives
-/// the planner an index condition whichever side it drives the join from,
-/// so a wave costs the same however large the flow (a plan cached while the
-/// tables were small would otherwise filter the whole flow on every hop).
+/// One statement per outcome bucket (a wave's endings mostly share one),
+/// so a wave costs the same however large the flow, and grows linearly
+/// with its width.
 fn step(c: &mut SpiClient<'_>, lock: &FlowLock, wave: &[Ended], now: i64) -> FfResult<(i32, Vec<Ended>)> {
-    let ups: Vec<Uuid> = wave.iter().map(|e| e.uuid).collect();
-    let buckets: Vec<String> = wave.iter().map(|e| e.outcome.bucket().as_str().to_string()).collect();
+    let mut by_bucket: BTreeMap<Bucket, Vec<Uuid>> = BTreeMap::new();
+    for e in wave {
+        by_bucket.entry(e.outcome.bucket()).or_default().push(e.uuid);
+    }
     // Marking the edge resolved first is what makes a replayed or duplicate
     // ending count each upstream once per group.
-    let t = if wave.len() == 1 {
-        exec(c, RESOLVE_ONE, &[ups[0].into(), buckets[0].as_str().into()])?
-    } else {
-        exec(c, RESOLVE_MANY, &[ups.into(), buckets.into()])?
-    };
     let mut deltas: BTreeMap<[u8; 16], (Uuid, Delta)> = BTreeMap::new();
     let mut resolved = 0;
-    for row in t {
-        let Some(down) = row.get::<Uuid>(1)? else { continue };
-        let bucket = Bucket::parse(&row.get::<String>(2)?.unwrap_or_default());
-        deltas.entry(*down.as_bytes()).or_insert((down, Delta::default())).1.add(Delta::resolve(false, Some(bucket)));
-        resolved += 1;
+    for (bucket, ups) in &by_bucket {
+        let (sql, key) = keyed(RESOLVE, ups);
+        for row in exec(c, sql, &[key, bucket.as_str().into()])? {
+            let Some(down) = row.get::<Uuid>(1)? else { continue };
+            let delta = Delta::resolve(false, Some(*bucket));
+            deltas.entry(*down.as_bytes()).or_insert((down, Delta::default())).1.add(delta);
+            resolved += 1;
+        }
     }
     let mut next = Vec::new();
     count(c, lock, &deltas, now, &mut next)?;

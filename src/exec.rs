@@ -51,7 +51,7 @@
 //! cycle with another doing the same in another order: complete each in its
 //! own transaction.
 
-use crate::db::{col, col_req, exec, first_row, now_ms, with_spi};
+use crate::db::{col, col_req, exec, first_row, keyed, now_ms, with_spi};
 use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::ids::{check_text_id, clip, crc16, ExecutionId};
 use crate::jsonb::{RawJsonb, RawJsonbArray};
@@ -914,9 +914,10 @@ pub fn block(c: &mut SpiClient<'_>, uuid: &pgrx::Uuid) -> FfResult<Blocked> {
 }
 
 // Blocked -> Waiting (or Delayed) for the downstreams $1 not held
-// elsewhere; `= $1` for one key (index lookups), `= ANY($1)` for many.
+// elsewhere (see `db::keyed`): the many form updates the rows it locked by
+// an array of their ids, evaluated once, rather than joining them.
 macro_rules! unblock_sql {
-    ($key:literal) => {
+    (key: $key:literal, rows: $rows:literal) => {
         concat!(
             "WITH mine AS (SELECT execution_id FROM ff_exec_core
                        WHERE execution_id ",
@@ -927,15 +928,17 @@ macro_rules! unblock_sql {
          UPDATE ff_exec_core x
          SET eligibility_state = CASE WHEN x.eligible_at_ms > $2 THEN 'not_eligible_until_time' ELSE 'eligible_now' END,
              public_state = CASE WHEN x.eligible_at_ms > $2 THEN 'delayed' ELSE 'waiting' END
-         FROM mine WHERE x.execution_id = mine.execution_id AND x.execution_id ",
-            $key,
+         ",
+            $rows,
             "
          RETURNING x.execution_id, x.lane_id, x.eligibility_state = 'eligible_now'"
         )
     };
 }
-const UNBLOCK_ONE: &str = unblock_sql!("= $1");
-const UNBLOCK_MANY: &str = unblock_sql!("= ANY($1)");
+const UNBLOCK: [&str; 2] = [
+    unblock_sql!(key: "= $1", rows: "FROM mine WHERE x.execution_id = mine.execution_id AND x.execution_id = $1"),
+    unblock_sql!(key: "= ANY ($1)", rows: "WHERE x.execution_id = ANY (ARRAY(SELECT execution_id FROM mine))"),
+];
 
 /// Blocked -> Waiting (or Delayed until eligible_at_ms) for downstreams
 /// whose group was satisfied. Rows held by another transaction are skipped
@@ -945,10 +948,8 @@ pub fn unblock(c: &mut SpiClient<'_>, uuids: &[pgrx::Uuid], now: i64) -> FfResul
     if uuids.is_empty() {
         return Ok(Vec::new());
     }
-    let t = match uuids {
-        [one] => exec(c, UNBLOCK_ONE, &[(*one).into(), now.into()])?,
-        _ => exec(c, UNBLOCK_MANY, &[uuids.to_vec().into(), now.into()])?,
-    };
+    let (sql, key) = keyed(UNBLOCK, uuids);
+    let t = exec(c, sql, &[key, now.into()])?;
     let mut done = BTreeSet::new();
     let mut lanes = BTreeSet::new();
     for row in t {
@@ -1040,13 +1041,13 @@ pub struct Ending<'a> {
 /// be ended under their flow's lock (`flow::lock`), which also takes the
 /// returned endings into the flow's counters and runs their cascade.
 pub fn finish(c: &mut SpiClient<'_>, uuids: &[pgrx::Uuid], e: &Ending<'_>, wait: Wait, now: i64) -> FfResult<Vec<Ended>> {
-    finish_with(c, uuids, e, wait, now, [FINISH_ONE, FINISH_MANY])
+    finish_with(c, uuids, e, wait, now, FINISH)
 }
 
 /// `finish` for one execution the caller holds that names no quota policy
 /// and no budget reserve (the fence read says so).
 pub fn finish_unshared(c: &mut SpiClient<'_>, uuid: &pgrx::Uuid, e: &Ending<'_>, now: i64) -> FfResult<Vec<Ended>> {
-    finish_with(c, &[*uuid], e, Wait::Held, now, [FINISH_UNSHARED_ONE, FINISH_UNSHARED_MANY])
+    finish_with(c, &[*uuid], e, Wait::Held, now, FINISH_UNSHARED)
 }
 
 /// `forms`: the statement for one execution, then for many.
@@ -1076,8 +1077,7 @@ fn finish_with(
     if locked.is_empty() {
         return Ok(Vec::new());
     }
-    let (sql, keys): (&'static str, DatumWithOid<'_>) =
-        if locked.len() == 1 { (forms[0], locked[0].into()) } else { (forms[1], locked.into()) };
+    let (sql, keys) = keyed(forms, &locked);
     let t = exec(
         c,
         sql,
@@ -1110,36 +1110,27 @@ const LOCK_LIVE_SKIP: &str = "SELECT execution_id FROM ff_exec_core
 // the reservation are released only for executions that were active; the
 // lane counters ($9: this backend's slot, NULL when metrics are off) count
 // completions, failures and expiries.
-// Each table is reached by its key `= ANY($1)` as well as by the join: the
-// statement is planned once per session (sql/finalize.sql), perhaps while a
-// table is nearly empty, and only a key condition keeps the plan a lookup
-// as the table grows.
-macro_rules! finish_sql {
-    (key: $key:literal, count: $count:expr, releases: $releases:expr) => {
-        concat!(
-            "WITH old AS (
-         SELECT execution_id, lifecycle_phase AS was, attempt_index, quota_policy_id FROM ff_exec_core
-         WHERE execution_id ",
-            $key,
-            " AND lifecycle_phase <> 'terminal'),
-     ended AS (
-         UPDATE ff_exec_core x SET lifecycle_phase = 'terminal', ownership_state = 'unowned',
+//
+// Two forms (see `db::keyed`). For one execution every table is joined to
+// `old` and also keyed `= $1`: the statement is planned once per session
+// (sql/finalize.sql), perhaps while a table is nearly empty, and only a key
+// condition keeps the plan a lookup as the table grows. For many, nothing
+// is joined: `old` is read once, and each release goes by the array of the
+// ids that were active, built once, so the statement grows linearly with
+// the number of executions it ends. Its attempt release closes the open
+// attempt of each (an active execution has exactly one).
+macro_rules! ending_set {
+    () => {
+        "lifecycle_phase = 'terminal', ownership_state = 'unowned',
              eligibility_state = 'not_applicable', attempt_state = 'attempt_terminal',
              public_state = $3, terminal_outcome = $2, result = coalesce($4, x.result),
              last_error = coalesce($5, x.last_error), cancellation_reason = coalesce($6, x.cancellation_reason),
-             terminal_at_ms = $7, lease_expires_at_ms = NULL, current_grant_id = NULL
-         FROM old WHERE x.execution_id = old.execution_id AND x.execution_id ",
-            $key,
-            "
-         RETURNING x.execution_id, x.partition_key, x.flow_id, x.namespace, x.instance_tag, x.lane_id,
-                   old.was, old.attempt_index, old.quota_policy_id),
-     att AS (
-         UPDATE ff_attempt a SET outcome = $2, error = $5, terminal_at_ms = $7, lease_expires_at_ms = NULL
-         FROM ended e WHERE e.was = 'active' AND a.execution_id = e.execution_id
-           AND a.attempt_index = e.attempt_index AND a.execution_id ",
-            $key,
-            "),",
-            $releases,
+             terminal_at_ms = $7, lease_expires_at_ms = NULL, current_grant_id = NULL"
+    };
+}
+macro_rules! ending_tail {
+    ($count:expr) => {
+        concat!(
             "
      ev AS (
          INSERT INTO ff_completion_event (partition_key, execution_id, flow_id, outcome, namespace,
@@ -1158,23 +1149,74 @@ macro_rules! finish_sql {
         )
     };
 }
-macro_rules! finish_releasing_sql {
-    (key: $key:literal, count: $count:expr) => {
-        finish_sql!(key: $key, count: $count, releases: concat!(
+macro_rules! finish_one_sql {
+    (releases: $releases:expr) => {
+        concat!(
+            "WITH old AS (
+         SELECT execution_id, lifecycle_phase AS was, attempt_index, quota_policy_id FROM ff_exec_core
+         WHERE execution_id = $1 AND lifecycle_phase <> 'terminal'),
+     ended AS (
+         UPDATE ff_exec_core x SET ",
+            ending_set!(),
             "
+         FROM old WHERE x.execution_id = old.execution_id AND x.execution_id = $1
+         RETURNING x.execution_id, x.partition_key, x.flow_id, x.namespace, x.instance_tag, x.lane_id,
+                   old.was, old.attempt_index, old.quota_policy_id),
+     att AS (
+         UPDATE ff_attempt a SET outcome = $2, error = $5, terminal_at_ms = $7, lease_expires_at_ms = NULL
+         FROM ended e WHERE e.was = 'active' AND a.execution_id = e.execution_id
+           AND a.attempt_index = e.attempt_index AND a.execution_id = $1),",
+            $releases,
+            ending_tail!(count_one!())
+        )
+    };
+}
+macro_rules! releases_one {
+    () => {
+        "
      quota AS (
          DELETE FROM ff_quota_admitted q USING ended e
          WHERE e.was = 'active' AND q.quota_policy_id = e.quota_policy_id AND q.execution_id = e.execution_id
-           AND q.execution_id ",
-            $key,
-            "),
+           AND q.execution_id = $1),
      reserve AS (
          UPDATE ff_budget_usage_by_exec l SET reserved = 0, updated_at_ms = $7
          FROM ended e WHERE e.was = 'active' AND l.execution_id = e.execution_id AND l.reserved > 0
-           AND l.execution_id ",
-            $key,
-            "),"
-        ))
+           AND l.execution_id = $1),"
+    };
+}
+macro_rules! finish_many_sql {
+    (releases: $releases:expr) => {
+        concat!(
+            "WITH old AS MATERIALIZED (
+         SELECT execution_id, lifecycle_phase AS was, quota_policy_id FROM ff_exec_core
+         WHERE execution_id = ANY ($1) AND lifecycle_phase <> 'terminal'),
+     ended AS (
+         UPDATE ff_exec_core x SET ",
+            ending_set!(),
+            "
+         WHERE x.execution_id = ANY ($1) AND x.lifecycle_phase <> 'terminal'
+         RETURNING x.execution_id, x.partition_key, x.flow_id, x.namespace, x.instance_tag, x.lane_id),
+     att AS (
+         UPDATE ff_attempt a SET outcome = $2, error = $5, terminal_at_ms = $7, lease_expires_at_ms = NULL
+         WHERE a.execution_id = ANY (ARRAY(SELECT execution_id FROM old WHERE was = 'active'))
+           AND a.outcome IS NULL),",
+            $releases,
+            ending_tail!(count_many!())
+        )
+    };
+}
+macro_rules! releases_many {
+    () => {
+        "
+     quota AS (
+         DELETE FROM ff_quota_admitted q
+         WHERE q.quota_policy_id = ANY (ARRAY(SELECT DISTINCT quota_policy_id FROM old
+                                             WHERE was = 'active' AND quota_policy_id IS NOT NULL))
+           AND q.execution_id = ANY (ARRAY(SELECT execution_id FROM old WHERE was = 'active'))),
+     reserve AS (
+         UPDATE ff_budget_usage_by_exec l SET reserved = 0, updated_at_ms = $7
+         WHERE l.execution_id = ANY (ARRAY(SELECT execution_id FROM old WHERE was = 'active'))
+           AND l.reserved > 0),"
     };
 }
 // How the lane counters count what ended: grouped for many rows; for one
@@ -1193,18 +1235,15 @@ macro_rules! count_one {
          FROM ended WHERE $9 IS NOT NULL AND $2 IN ('success', 'failed', 'expired')"
     };
 }
-// $1 is a uuid[] (`= ANY`) in the _MANY forms and one uuid in the _ONE
-// forms, which a single ending (a completion, a failure) uses: a key
-// written `= $1` plans as index lookups joined by nested loops, where the
-// array form starts up bitmap scans and a hash join on every call.
-const FINISH_MANY: &str = finish_releasing_sql!(key: "= ANY($1)", count: count_many!());
-const FINISH_ONE: &str = finish_releasing_sql!(key: "= $1", count: count_one!());
+// A single ending (a completion, a failure) uses the one-key form: `= $1`
+// plans as index lookups joined by nested loops, where the array form
+// starts up bitmap scans on every call.
+const FINISH: [&str; 2] = [finish_one_sql!(releases: releases_one!()), finish_many_sql!(releases: releases_many!())];
 // For an execution that names no quota policy and no budget reserve, so
 // holds neither: without those two releases the statement opens and locks
 // six relations fewer, which keeps a completion's relation locks closer to
 // the backend's fast-path slots (16).
-const FINISH_UNSHARED_MANY: &str = finish_sql!(key: "= ANY($1)", count: count_many!(), releases: "");
-const FINISH_UNSHARED_ONE: &str = finish_sql!(key: "= $1", count: count_one!(), releases: "");
+const FINISH_UNSHARED: [&str; 2] = [finish_one_sql!(releases: ""), finish_many_sql!(releases: "")];
 
 /// Active -> Waiting (or Delayed until `eligible_at_ms`) for an execution
 /// the caller holds: ends the running attempt and frees its quota slot and
