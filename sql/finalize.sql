@@ -39,10 +39,11 @@ SELECT pg_catalog.pg_extension_config_dump('ff_completion_event_event_id_seq', '
 -- Every statement the functions run is written for one plan whatever its
 -- parameters (index lookups by key; a set of keys as one = ANY array key,
 -- not joined to the table, so no plan can redo the array for every row:
--- see db::keyed in the sources). Left alone, the plan cache keeps re-planning statements whose
--- custom plans look cheaper than the generic one (an unnest of a one-element
--- array versus an unknown one), and a cascade then spends most of its time
--- planning. So each function plans its statements once.
+-- see db::keyed in the sources). Left alone, the plan cache keeps
+-- re-planning statements whose custom plans look cheaper than the generic
+-- one (an unnest of a one-element array versus an unknown one), and a
+-- cascade then spends most of its time planning. So each function plans
+-- its statements once.
 --
 -- That one plan is kept for the life of the session, and a worker's session
 -- lives long: planned while ff_attempt or ff_claim_grant were nearly empty
