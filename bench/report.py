@@ -216,9 +216,10 @@ def render_machine(doc, R):
       f"work_mem {s.get('work_mem')}, max_connections {s.get('max_connections')}; pg_stat_statements preloaded with "
       "`track = none` (switched to `all` only for the profile section). flowfabric's background worker is not "
       "loaded (no reconciler runs during the benchmark).")
+    built = m.get('built_from') or m.get('git_commit')
+    dirty = " (`+dirty`: with uncommitted changes in src/ or sql/)" if str(built).endswith("+dirty") else ""
     w(f"- flowfabric {m.get('ext_version', '')} (schema `flowfabric`; every call is schema-qualified): built from "
-      f"{m.get('built_from') or m.get('git_commit')} (`+dirty`: with uncommitted changes in src/ or sql/), "
-      f"{m.get('ext_build')}.")
+      f"{built}{dirty}, {m.get('ext_build')}.")
     w(f"- Load: {m.get('pgbench')}, `-M prepared`, `-j min(clients, 2)`; worker-pool shapes use "
       f"{m.get('driver', 'bench/ffdrive.c')}. Every measured run gets a fresh database (or a queue topped up) "
       "holding the side measured, filled, then `VACUUM ANALYZE` and `CHECKPOINT` before the clock starts.")
