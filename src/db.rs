@@ -7,7 +7,7 @@ use pgrx::pg_sys::PgOid;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
 use pgrx::{FromDatum, IntoDatum, Spi};
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 thread_local! {
     static PLANS: RefCell<HashMap<&'static str, std::rc::Rc<OwnedPreparedStatement>>> =
@@ -95,6 +95,25 @@ pub fn keyed<'a>(forms: [&'static str; 2], ids: &[pgrx::Uuid]) -> (&'static str,
         [one] => (forms[0], (*one).into()),
         _ => (forms[1], ids.to_vec().into()),
     }
+}
+
+/// The `[one, many]` forms for `keyed` of a statement whose key condition
+/// sits between `$head` and `$tail`.
+macro_rules! keyed_sql {
+    ($head:literal, $tail:literal) => {
+        [concat!($head, "= $1", $tail), concat!($head, "= ANY ($1)", $tail)]
+    };
+}
+pub(crate) use keyed_sql;
+
+/// Ids grouped by the value their rows take, for one `keyed` statement per
+/// value.
+pub fn by_value<K: Ord>(pairs: impl IntoIterator<Item = (K, pgrx::Uuid)>) -> BTreeMap<K, Vec<pgrx::Uuid>> {
+    let mut groups: BTreeMap<K, Vec<pgrx::Uuid>> = BTreeMap::new();
+    for (value, id) in pairs {
+        groups.entry(value).or_default().push(id);
+    }
+    groups
 }
 
 /// Typed read of column `ordinal` (1-based) of the current row.

@@ -14,7 +14,7 @@
 //! Each wave is set-based (a few statements however wide) and runs in its
 //! own SPI connection, so a cascade of any length uses bounded memory.
 
-use crate::db::{col, col_req, exec, first_row, keyed, now_ms, with_spi};
+use crate::db::{by_value, col, col_req, exec, first_row, keyed, keyed_sql, now_ms, with_spi};
 use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::exec::{self, Bucket, Ended, Ending, Outcome, Wait};
 use crate::flow::{self, FlowLock};
@@ -164,20 +164,14 @@ impl Delta {
 
 // Adds one delta ($2..$6: pending, running, success, fail, skip) to the
 // groups of the downstreams $1 and returns them (see `keyed`).
-macro_rules! count_sql {
-    ($key:literal) => {
-        concat!(
-            "UPDATE ff_edge_group g SET pending_count = g.pending_count + $2, running_count = g.running_count + $3,
+const COUNT: [&str; 2] = keyed_sql!(
+    "UPDATE ff_edge_group g SET pending_count = g.pending_count + $2, running_count = g.running_count + $3,
          success_count = g.success_count + $4, fail_count = g.fail_count + $5, skip_count = g.skip_count + $6
      WHERE g.downstream_eid ",
-            $key,
-            "
+    "
      RETURNING g.downstream_eid, g.policy, g.pending_count, g.running_count, g.success_count, g.fail_count,
                g.skip_count, g.group_state"
-        )
-    };
-}
-const COUNT: [&str; 2] = [count_sql!("= $1"), count_sql!("= ANY ($1)")];
+);
 
 /// The one place edge resolutions are counted, for `apply` and for the
 /// cascade alike: adds the deltas to their groups and fires each group that
@@ -188,12 +182,8 @@ pub fn count(c: &mut SpiClient<'_>, lock: &FlowLock, deltas: &BTreeMap<[u8; 16],
     }
     // One statement per distinct delta: a wave's groups mostly share one
     // (a fan-out's downstreams each gain one success).
-    let mut by_delta: BTreeMap<Delta, Vec<Uuid>> = BTreeMap::new();
-    for (down, d) in deltas.values() {
-        by_delta.entry(*d).or_default().push(*down);
-    }
     let mut decided = Vec::new();
-    for (d, downs) in &by_delta {
+    for (d, downs) in &by_value(deltas.values().map(|(down, d)| (*d, *down))) {
         let (sql, key) = keyed(COUNT, downs);
         let t = exec(c, sql, &[key, d.pending.into(), d.running.into(), d.success.into(), d.fail.into(), d.skip.into()])?;
         for row in t {
@@ -278,11 +268,10 @@ pub fn fire(c: &mut SpiClient<'_>, _held: &FlowLock, decided: &[(Uuid, Decision)
     }
 
     // Each group's state, one statement per (state, settled) pair.
-    let mut by_outcome: BTreeMap<(&str, bool), Vec<Uuid>> = BTreeMap::new();
-    for (down, d) in decided {
+    let by_outcome = by_value(decided.iter().map(|(down, d)| {
         let state = if *d == Decision::Impossible { "impossible" } else { "satisfied" };
-        by_outcome.entry((state, !unsettled.contains(down.as_bytes()))).or_default().push(*down);
-    }
+        ((state, !unsettled.contains(down.as_bytes())), *down)
+    }));
     for ((state, settled), downs) in &by_outcome {
         let (sql, key) = keyed(SETTLE, downs);
         exec(c, sql, &[key, (*state).into(), (*settled).into()])?;
@@ -290,12 +279,7 @@ pub fn fire(c: &mut SpiClient<'_>, _held: &FlowLock, decided: &[(Uuid, Decision)
     Ok(())
 }
 
-macro_rules! settle_sql {
-    ($key:literal) => {
-        concat!("UPDATE ff_edge_group g SET group_state = $2, settled = $3 WHERE g.downstream_eid ", $key)
-    };
-}
-const SETTLE: [&str; 2] = [settle_sql!("= $1"), settle_sql!("= ANY ($1)")];
+const SETTLE: [&str; 2] = keyed_sql!("UPDATE ff_edge_group g SET group_state = $2, settled = $3 WHERE g.downstream_eid ", "");
 
 /// Of `asked`, those not in `done` that are still live: held by another
 /// transaction, so their part of a decision is left to the repair pass.
@@ -315,18 +299,12 @@ fn still_live(c: &mut SpiClient<'_>, asked: &[Uuid], done: &[Ended]) -> FfResult
 
 // Resolves the applied, unresolved edges leaving the upstreams $1 as $2
 // (see `keyed`).
-macro_rules! resolve_sql {
-    ($key:literal) => {
-        concat!(
-            "UPDATE ff_edge e SET resolution = $2
+const RESOLVE: [&str; 2] = keyed_sql!(
+    "UPDATE ff_edge e SET resolution = $2
      WHERE e.upstream_eid ",
-            $key,
-            " AND e.edge_state = 'applied' AND e.resolution IS NULL
+    " AND e.edge_state = 'applied' AND e.resolution IS NULL
      RETURNING e.downstream_eid"
-        )
-    };
-}
-const RESOLVE: [&str; 2] = [resolve_sql!("= $1"), resolve_sql!("= ANY ($1)")];
+);
 
 /// One wave: resolves every applied, unresolved edge leaving `wave` and
 /// counts them. Returns the number of edges resolved and what ended next.
@@ -334,10 +312,7 @@ const RESOLVE: [&str; 2] = [resolve_sql!("= $1"), resolve_sql!("= ANY ($1)")];
 /// so a wave costs the same however large the flow, and grows linearly
 /// with its width.
 fn step(c: &mut SpiClient<'_>, lock: &FlowLock, wave: &[Ended], now: i64) -> FfResult<(i32, Vec<Ended>)> {
-    let mut by_bucket: BTreeMap<Bucket, Vec<Uuid>> = BTreeMap::new();
-    for e in wave {
-        by_bucket.entry(e.outcome.bucket()).or_default().push(e.uuid);
-    }
+    let by_bucket = by_value(wave.iter().map(|e| (e.outcome.bucket(), e.uuid)));
     // Marking the edge resolved first is what makes a replayed or duplicate
     // ending count each upstream once per group.
     let mut deltas: BTreeMap<[u8; 16], (Uuid, Delta)> = BTreeMap::new();

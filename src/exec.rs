@@ -1115,10 +1115,10 @@ const LOCK_LIVE_SKIP: &str = "SELECT execution_id FROM ff_exec_core
 // `old` and also keyed `= $1`: the statement is planned once per session
 // (sql/finalize.sql), perhaps while a table is nearly empty, and only a key
 // condition keeps the plan a lookup as the table grows. For many, nothing
-// is joined: `old` is read once, and each release goes by the array of the
-// ids that were active, built once, so the statement grows linearly with
-// the number of executions it ends. Its attempt release closes the open
-// attempt of each (an active execution has exactly one).
+// is joined: `old` is read once, and each release goes by `active`, the
+// array of the ids that were active, built once, so the statement grows
+// linearly with the number of executions it ends. Its attempt release
+// closes the open attempt of each (an active execution has exactly one).
 macro_rules! ending_set {
     () => {
         "lifecycle_phase = 'terminal', ownership_state = 'unowned',
@@ -1185,11 +1185,12 @@ macro_rules! releases_one {
     };
 }
 macro_rules! finish_many_sql {
-    (releases: $releases:expr) => {
+    () => {
         concat!(
             "WITH old AS MATERIALIZED (
          SELECT execution_id, lifecycle_phase AS was, quota_policy_id FROM ff_exec_core
          WHERE execution_id = ANY ($1) AND lifecycle_phase <> 'terminal'),
+     active AS MATERIALIZED (SELECT ARRAY(SELECT execution_id FROM old WHERE was = 'active') AS ids),
      ended AS (
          UPDATE ff_exec_core x SET ",
             ending_set!(),
@@ -1198,25 +1199,17 @@ macro_rules! finish_many_sql {
          RETURNING x.execution_id, x.partition_key, x.flow_id, x.namespace, x.instance_tag, x.lane_id),
      att AS (
          UPDATE ff_attempt a SET outcome = $2, error = $5, terminal_at_ms = $7, lease_expires_at_ms = NULL
-         WHERE a.execution_id = ANY (ARRAY(SELECT execution_id FROM old WHERE was = 'active'))
-           AND a.outcome IS NULL),",
-            $releases,
-            ending_tail!(count_many!())
-        )
-    };
-}
-macro_rules! releases_many {
-    () => {
-        "
+         WHERE a.execution_id = ANY ((SELECT ids FROM active)::uuid[]) AND a.outcome IS NULL),
      quota AS (
          DELETE FROM ff_quota_admitted q
          WHERE q.quota_policy_id = ANY (ARRAY(SELECT DISTINCT quota_policy_id FROM old
                                              WHERE was = 'active' AND quota_policy_id IS NOT NULL))
-           AND q.execution_id = ANY (ARRAY(SELECT execution_id FROM old WHERE was = 'active'))),
+           AND q.execution_id = ANY ((SELECT ids FROM active)::uuid[])),
      reserve AS (
          UPDATE ff_budget_usage_by_exec l SET reserved = 0, updated_at_ms = $7
-         WHERE l.execution_id = ANY (ARRAY(SELECT execution_id FROM old WHERE was = 'active'))
-           AND l.reserved > 0),"
+         WHERE l.execution_id = ANY ((SELECT ids FROM active)::uuid[]) AND l.reserved > 0),",
+            ending_tail!(count_many!())
+        )
     };
 }
 // How the lane counters count what ended: grouped for many rows; for one
@@ -1238,12 +1231,13 @@ macro_rules! count_one {
 // A single ending (a completion, a failure) uses the one-key form: `= $1`
 // plans as index lookups joined by nested loops, where the array form
 // starts up bitmap scans on every call.
-const FINISH: [&str; 2] = [finish_one_sql!(releases: releases_one!()), finish_many_sql!(releases: releases_many!())];
+const FINISH: [&str; 2] = [finish_one_sql!(releases: releases_one!()), finish_many_sql!()];
 // For an execution that names no quota policy and no budget reserve, so
 // holds neither: without those two releases the statement opens and locks
 // six relations fewer, which keeps a completion's relation locks closer to
-// the backend's fast-path slots (16).
-const FINISH_UNSHARED: [&str; 2] = [finish_one_sql!(releases: ""), finish_many_sql!(releases: "")];
+// the backend's fast-path slots (16). Only ever one execution
+// (`finish_unshared`); the many slot is the full form.
+const FINISH_UNSHARED: [&str; 2] = [finish_one_sql!(releases: ""), FINISH[1]];
 
 /// Active -> Waiting (or Delayed until `eligible_at_ms`) for an execution
 /// the caller holds: ends the running attempt and frees its quota slot and
