@@ -174,20 +174,27 @@ def test_long_and_wide_cascades_stay_within_bounded_memory():
 
 # Wide cascades, each built committed and then run in one transaction whose
 # index scans are read from pg_stat_xact_user_tables before it commits.
-def wide_fan_out(c, width, lane):
-    c.execute("SELECT ff_submit_flow(%s)", (Jsonb({
-        "nodes": [{"name": "root", "lane": lane, "priority": 1}] + [{"name": f"c{i}", "lane": lane} for i in range(width)],
-        "edges": [{"from": "root", "to": f"c{i}"} for i in range(width)]}),))
+def claim_one(c, lane):
     return c.execute("SELECT execution_id, grant_key FROM ff_claim_for_worker(%s, 'w', 'i')", (lane,)).fetchone()
+
+
+def submit_and_claim_root(c, nodes, edges, lane):
+    c.execute("SELECT ff_submit_flow(%s)", (Jsonb({"nodes": nodes, "edges": edges}),))
+    return claim_one(c, lane)
+
+
+def wide_fan_out(c, width, lane):
+    return submit_and_claim_root(
+        c, [{"name": "root", "lane": lane, "priority": 1}] + [{"name": f"c{i}", "lane": lane} for i in range(width)],
+        [{"from": "root", "to": f"c{i}"} for i in range(width)], lane)
 
 
 def wide_diamond(c, width, lane):
-    c.execute("SELECT ff_submit_flow(%s)", (Jsonb({
-        "nodes": [{"name": "root", "lane": lane, "priority": 1}, {"name": "sink", "lane": lane}]
+    return submit_and_claim_root(
+        c, [{"name": "root", "lane": lane, "priority": 1}, {"name": "sink", "lane": lane}]
         + [{"name": f"c{i}", "lane": lane} for i in range(width)],
-        "edges": [{"from": "root", "to": f"c{i}"} for i in range(width)]
-        + [{"from": f"c{i}", "to": "sink"} for i in range(width)]}),))
-    return c.execute("SELECT execution_id, grant_key FROM ff_claim_for_worker(%s, 'w', 'i')", (lane,)).fetchone()
+        [{"from": "root", "to": f"c{i}"} for i in range(width)] + [{"from": f"c{i}", "to": "sink"} for i in range(width)],
+        lane)
 
 
 def claim_n(c, lane, n):
@@ -228,8 +235,7 @@ def scenario_any_of_cancels_leased_siblings(c, width, lane):
         + [{"name": f"c{i}", "lane": lane} for i in range(width)],
         "edges": [{"from": f"c{i}", "to": "sink"} for i in range(width)]}),))
     claim_n(c, lane, width - 1)
-    eid, grant = c.execute("SELECT execution_id, grant_key FROM ff_claim_for_worker(%s, 'w', 'i')", (lane,)).fetchone()
-    return "SELECT ff_complete_execution(%s, %s)", (eid, grant)
+    return "SELECT ff_complete_execution(%s, %s)", claim_one(c, lane)
 
 
 def index_scans_of(cluster, db, scenario, width, lane):
