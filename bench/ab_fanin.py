@@ -16,6 +16,11 @@ medians over 6-10 repetitions is what to read.
     /usr/bin/python3 bench/ab_fanin.py              # 16 clients, 6 repetitions
     AB_CLIENTS=4,16 AB_REPS=10 /usr/bin/python3 bench/ab_fanin.py
 
+AB_WIDTH sets the fan-in's width (default 1,000, as in bench/versions.sh):
+at 1,000 a 16-client drain lasts about half a second, so the 16 sessions'
+first calls (library load, planning: ~12 ms each) weigh in it; 3,000 reads
+closer to steady state.
+
 AB_SETUP runs SQL (statements separated by `|||`) in each fresh database of
 the changed side before the flow is built, for changes that are SQL only
 (an index dropped, a storage parameter): then both sides may be one build.
@@ -44,6 +49,7 @@ def fresh_db(side, name, _plain=V.fresh_db):
 
 def main():
     V.fresh_db = fresh_db
+    V.FANIN_WIDTH = int(os.environ.get("AB_WIDTH", V.FANIN_WIDTH))
     clients = [int(x) for x in os.environ.get("AB_CLIENTS", "16").split(",")]
     reps = int(os.environ.get("AB_REPS", "6"))
     for side in (BASE, CHANGED):
@@ -59,7 +65,7 @@ def main():
                           f"{r['rate']:,.0f} middles/s (server CPU {r['per_op']['server_cpu_us']} us/middle)",
                           flush=True)
             ratio = statistics.median(rates[CHANGED]) / statistics.median(rates[BASE])
-            print(f"{n} clients: base {sorted(round(x) for x in rates[BASE])}, "
+            print(f"{n} clients, {V.FANIN_WIDTH:,}-wide: base {sorted(round(x) for x in rates[BASE])}, "
                   f"changed {sorted(round(x) for x in rates[CHANGED])}, changed / base {ratio:.3f}", flush=True)
     finally:
         for side in (BASE, CHANGED):
