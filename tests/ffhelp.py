@@ -138,15 +138,17 @@ INVARIANTS = {
         SELECT count(*) FROM ff_attempt a JOIN ff_exec_core x USING (execution_id)
         WHERE a.terminal_at_ms IS NULL AND (x.lifecycle_phase <> 'active' OR a.attempt_index <> x.attempt_index)""",
     "edge group counters match their edges": """
-        SELECT count(*) FROM ff_edge_group g CROSS JOIN LATERAL (
-            SELECT count(*) FILTER (WHERE edge_state = 'pending') AS p,
+        SELECT count(*) FROM ff_edge_group g LEFT JOIN (
+            SELECT flow_id, downstream_eid,
+                   count(*) FILTER (WHERE edge_state = 'pending') AS p,
                    count(*) FILTER (WHERE edge_state = 'applied' AND resolution = 'success') AS s,
                    count(*) FILTER (WHERE edge_state = 'applied' AND resolution = 'fail') AS f,
                    count(*) FILTER (WHERE edge_state = 'applied' AND resolution = 'skip') AS k,
                    count(*) FILTER (WHERE edge_state = 'applied' AND resolution IS NULL) AS r
-            FROM ff_edge e WHERE e.flow_id = g.flow_id AND e.downstream_eid = g.downstream_eid) c
+            FROM ff_edge GROUP BY flow_id, downstream_eid) c USING (flow_id, downstream_eid)
         WHERE (g.pending_count, g.success_count, g.fail_count, g.skip_count, g.running_count)
-              <> (c.p, c.s, c.f, c.k, c.r)""",
+              IS DISTINCT FROM (coalesce(c.p, 0), coalesce(c.s, 0), coalesce(c.f, 0), coalesce(c.k, 0),
+                                coalesce(c.r, 0))""",
     "no unresolved applied edge whose upstream ended": """
         SELECT count(*) FROM ff_edge e JOIN ff_exec_core x ON x.execution_id = e.upstream_eid
         WHERE e.edge_state = 'applied' AND e.resolution IS NULL AND x.lifecycle_phase = 'terminal'""",
