@@ -82,6 +82,33 @@ fn cached_plan(
     Ok(plan)
 }
 
+/// Rows per statement when a call writes many (a submitted flow's nodes,
+/// edges and groups; a batch of executions): what one statement's array
+/// arguments cost in memory is bounded by this, not by the call.
+pub const WRITE_CHUNK: usize = 2_000;
+
+/// Runs `f` in a scratch memory context, freed when it returns, for the
+/// Postgres memory that reading and writing many rows leaves behind: pgrx
+/// builds an array argument with two copies of every element in the current
+/// context, and copies each value a row reader returns into the *parent* of
+/// the current context. Inside SPI both would otherwise live until the call
+/// ends: most of the 9 KB per node a submitted flow took. Two levels, so
+/// that both land here. `f` must return only Rust-owned values (or datums moved to the
+/// caller's context with `SPI_datumTransfer`), and convert its arguments
+/// inside, before the statement (SPI leaves its own context current after
+/// every statement).
+pub fn scratch<R>(f: impl FnOnce() -> R) -> R {
+    let mut outer = pgrx::PgMemoryContexts::new("flowfabric scratch");
+    // SAFETY: both contexts are valid until dropped; dropping one that is
+    // current (an error unwinding through `f`) switches back to its parent.
+    unsafe {
+        outer.switch_to(|_| {
+            let mut inner = pgrx::PgMemoryContexts::new("flowfabric scratch values");
+            inner.switch_to(|_| f())
+        })
+    }
+}
+
 /// A statement over a set of executions (or edges, or groups) comes in two
 /// forms written from one text, `[one, many]`: keyed `= $1` for a single id
 /// (index lookups, nothing to start up) and `= ANY ($1)` for several (one

@@ -51,7 +51,7 @@
 //! cycle with another doing the same in another order: complete each in its
 //! own transaction.
 
-use crate::db::{col, col_req, exec, first_row, keyed, now_ms, with_spi};
+use crate::db::{col, col_req, exec, first_row, keyed, now_ms, scratch, with_spi, WRITE_CHUNK};
 use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::ids::{check_text_id, clip, crc16, ExecutionId};
 use crate::jsonb::{RawJsonb, RawJsonbArray};
@@ -566,13 +566,19 @@ pub fn create(c: &mut SpiClient<'_>, rows: &[NewRow<'_>], namespace: Option<&str
 /// Rounds of re-inserting rows whose unique-key holder ended meanwhile.
 const UNIQUE_KEY_ROUNDS: usize = 3;
 
-/// One INSERT of `rows`: the id of each row created or of the execution it
-/// collided with (same id, or the live holder of its unique key); `None`
-/// when the collision is gone by the time it is looked up.
+/// Inserts `rows`, `WRITE_CHUNK` to a statement: the id of each row created
+/// or of the execution it collided with (same id, or the live holder of its
+/// unique key); `None` when the collision is gone by the time it is looked up.
 fn insert_rows(c: &mut SpiClient<'_>, rows: &[NewRow<'_>], namespace: Option<&str>) -> FfResult<Vec<Option<ExecutionId>>> {
-    if rows.is_empty() {
-        return Ok(Vec::new());
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(WRITE_CHUNK) {
+        out.extend(insert_chunk(c, chunk, namespace)?);
     }
+    Ok(out)
+}
+
+/// One INSERT of `rows` (see `insert_rows`).
+fn insert_chunk(c: &mut SpiClient<'_>, rows: &[NewRow<'_>], namespace: Option<&str>) -> FfResult<Vec<Option<ExecutionId>>> {
     let now = now_ms();
     let mut cols = Columns::default();
     let mut uuids = Vec::with_capacity(rows.len());
@@ -611,7 +617,7 @@ fn insert_rows(c: &mut SpiClient<'_>, rows: &[NewRow<'_>], namespace: Option<&st
     }
     // Capabilities and budget ids travel as text joined by LIST_SEP, because
     // SQL arrays cannot nest.
-    let t = exec(
+    let t = scratch(|| exec(
         c,
         "INSERT INTO ff_exec_core (execution_id, partition_key, flow_id, node_name, lane_id, namespace, payload,
              priority, required_capabilities, cap_set_id, budget_ids, budget_reserve, quota_policy_id, unique_key,
@@ -655,19 +661,22 @@ fn insert_rows(c: &mut SpiClient<'_>, rows: &[NewRow<'_>], namespace: Option<&st
             namespace.into(),
             now.into(),
         ],
-    )?;
+    ))?;
     let mut created: HashMap<[u8; 16], i16> = HashMap::with_capacity(rows.len());
     let mut notify = BTreeSet::new();
     let mut tally = Tally::default();
-    for row in t {
-        let id: pgrx::Uuid = row.get(1)?.ok_or_else(|| FfError::internal("NULL execution id"))?;
-        created.insert(*id.as_bytes(), row.get(2)?.unwrap_or(0));
-        let lane = row.get::<String>(3)?.unwrap_or_default();
-        tally.add(&lane, Counter::Created, 1);
-        if row.get::<bool>(4)?.unwrap_or(false) {
-            notify.insert(lane);
+    scratch(|| -> FfResult<()> {
+        for row in t {
+            let id: pgrx::Uuid = row.get(1)?.ok_or_else(|| FfError::internal("NULL execution id"))?;
+            created.insert(*id.as_bytes(), row.get(2)?.unwrap_or(0));
+            let lane = row.get::<String>(3)?.unwrap_or_default();
+            tally.add(&lane, Counter::Created, 1);
+            if row.get::<bool>(4)?.unwrap_or(false) {
+                notify.insert(lane);
+            }
         }
-    }
+        Ok(())
+    })?;
     tally.flush(c)?;
     let mut out = Vec::with_capacity(rows.len());
     for (i, uuid) in uuids.iter().enumerate() {

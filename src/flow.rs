@@ -11,7 +11,7 @@
 //! either sees the ending or is resolved by the cascade that follows it
 //! (the member's own rows are ended just before its flow row is taken).
 
-use crate::db::{col, col_req, exec, first_row, now_ms, with_spi};
+use crate::db::{col, col_req, exec, first_row, now_ms, scratch, with_spi, WRITE_CHUNK};
 use crate::dispatch::{self, count, Delta, GroupPolicy};
 use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::exec::{self, pg_uuid, Bucket, Ended, Ending, Outcome, State, Wait};
@@ -826,8 +826,10 @@ pub fn submit_flow(spec: RawJsonb) -> FfResult<RawJsonb> {
             if i >= MAX_SUBMIT_NODES {
                 return Err(spec_error(format!("more than {MAX_SUBMIT_NODES} nodes")));
             }
-            let fields = row.get::<pgrx::JsonB>(1)?.map(|j| j.0).unwrap_or_default();
+            // The payload is copied to the caller's context (it is inserted
+            // later); what reading the rest leaves behind is freed at once.
             let payload = row.get::<RawJsonb>(2)?;
+            let fields = scratch(|| row.get::<pgrx::JsonB>(1))?.map(|j| j.0).unwrap_or_default();
             nodes.push(spec_node(i, &fields, &flow, payload)?);
         }
         let mut names = BTreeMap::new();
@@ -849,12 +851,15 @@ pub fn submit_flow(spec: RawJsonb) -> FfResult<RawJsonb> {
             return resubmission(c, &pg_uuid(&flow), &digest)?
                 .ok_or_else(|| FfError::internal("flow vanished after a conflict"));
         };
-        exec(
+        // Sent as text and cast inside the statement, so what parsing it
+        // costs (several times its size for a large flow) is freed with the
+        // statement's memory.
+        let t = exec(
             c,
-            "UPDATE ff_flow_core SET submit_digest = $2, submit_answer = $3 WHERE flow_id = $1",
-            &[pg_uuid(&flow).into(), digest.into(), pgrx::JsonB(answer.clone()).into()],
+            "UPDATE ff_flow_core SET submit_digest = $2, submit_answer = $3::jsonb WHERE flow_id = $1
+             RETURNING submit_answer",
+            &[pg_uuid(&flow).into(), digest.into(), answer.to_string().into()],
         )?;
-        let t = exec(c, "SELECT $1::jsonb", &[pgrx::JsonB(answer).into()])?;
         let row = first_row(t).ok_or_else(|| FfError::internal("no row"))?;
         RawJsonb::from_spi(&row, 1)?.ok_or_else(|| FfError::internal("NULL answer"))
     })
@@ -931,35 +936,40 @@ fn insert_flow(
         return Err(FfError::internal("flow nodes were not all created"));
     }
     let uuids: Vec<Uuid> = ids.iter().map(|id| pg_uuid(&id.uuid)).collect();
-    if !edges.is_empty() {
-        let edge_ids: Vec<Uuid> = edges.iter().map(|_| pg_uuid(&uuid::Uuid::new_v4())).collect();
-        let ups: Vec<Uuid> = edges.iter().map(|(a, _, _)| uuids[*a]).collect();
-        let downs: Vec<Uuid> = edges.iter().map(|(_, b, _)| uuids[*b]).collect();
-        let kinds: Vec<String> = edges.iter().map(|(_, _, k)| k.clone()).collect();
-        exec(
-            c,
-            "INSERT INTO ff_edge (flow_id, edge_id, partition_key, upstream_eid, downstream_eid, dependency_kind,
-                 edge_state, created_at_ms, applied_at_ms)
-             SELECT $1, e.id, $2, e.up, e.down, e.kind, 'applied', $7, $7
-             FROM unnest($3::uuid[], $4::uuid[], $5::uuid[], $6::text[]) AS e(id, up, down, kind)",
-            &[flow_pg.into(), partition.into(), edge_ids.into(), ups.into(), downs.into(), kinds.into(), now.into()],
-        )?;
+    for chunk in edges.chunks(WRITE_CHUNK) {
+        let edge_ids: Vec<Uuid> = chunk.iter().map(|_| pg_uuid(&uuid::Uuid::new_v4())).collect();
+        let ups: Vec<Uuid> = chunk.iter().map(|(a, _, _)| uuids[*a]).collect();
+        let downs: Vec<Uuid> = chunk.iter().map(|(_, b, _)| uuids[*b]).collect();
+        let kinds: Vec<String> = chunk.iter().map(|(_, _, k)| k.clone()).collect();
+        scratch(|| {
+            exec(
+                c,
+                "INSERT INTO ff_edge (flow_id, edge_id, partition_key, upstream_eid, downstream_eid, dependency_kind,
+                     edge_state, created_at_ms, applied_at_ms)
+                 SELECT $1, e.id, $2, e.up, e.down, e.kind, 'applied', $7, $7
+                 FROM unnest($3::uuid[], $4::uuid[], $5::uuid[], $6::text[]) AS e(id, up, down, kind)",
+                &[flow_pg.into(), partition.into(), edge_ids.into(), ups.into(), downs.into(), kinds.into(), now.into()],
+            )
+        })?;
     }
     // A group for each node with inbound edges (all running) or an explicit policy.
     let grouped: Vec<usize> = (0..nodes.len()).filter(|&i| indegree[i] > 0 || nodes[i].policy.is_some()).collect();
-    if !grouped.is_empty() {
-        let downs: Vec<Uuid> = grouped.iter().map(|&i| uuids[i]).collect();
-        let policies: Vec<pgrx::JsonB> = grouped
+    for chunk in grouped.chunks(WRITE_CHUNK) {
+        let downs: Vec<Uuid> = chunk.iter().map(|&i| uuids[i]).collect();
+        let policies: Vec<pgrx::JsonB> = chunk
             .iter()
             .map(|&i| pgrx::JsonB(nodes[i].policy.unwrap_or(GroupPolicy::AllOf).to_json()))
             .collect();
-        let running: Vec<i32> = grouped.iter().map(|&i| indegree[i]).collect();
-        exec(
-            c,
-            "INSERT INTO ff_edge_group (flow_id, downstream_eid, partition_key, policy, running_count)
-             SELECT $1, g.down, $2, g.policy, g.running FROM unnest($3::uuid[], $4::jsonb[], $5::int[]) AS g(down, policy, running)",
-            &[flow_pg.into(), partition.into(), downs.into(), policies.into(), running.into()],
-        )?;
+        let running: Vec<i32> = chunk.iter().map(|&i| indegree[i]).collect();
+        scratch(|| {
+            exec(
+                c,
+                "INSERT INTO ff_edge_group (flow_id, downstream_eid, partition_key, policy, running_count)
+                 SELECT $1, g.down, $2, g.policy, g.running
+                 FROM unnest($3::uuid[], $4::jsonb[], $5::int[]) AS g(down, policy, running)",
+                &[flow_pg.into(), partition.into(), downs.into(), policies.into(), running.into()],
+            )
+        })?;
     }
     let executions: serde_json::Map<String, serde_json::Value> =
         names.iter().map(|(name, &i)| (name.clone(), serde_json::Value::String(ids[i].to_string()))).collect();
