@@ -87,17 +87,31 @@ fn cached_plan(
 /// arguments cost in memory is bounded by this, not by the call.
 pub const WRITE_CHUNK: usize = 2_000;
 
+/// `scratch` for many rows, `f` as it is for a few: the memory a few rows
+/// leave is small, and two contexts per block would cost a single-row call
+/// (one `ff_create_execution`) more than they save.
+pub fn scratch_for<R>(rows: usize, f: impl FnOnce() -> R) -> R {
+    if rows >= SCRATCH_MIN_ROWS {
+        scratch(f)
+    } else {
+        f()
+    }
+}
+
+/// Fewer rows than this are read or written without a scratch context.
+pub const SCRATCH_MIN_ROWS: usize = 100;
+
 /// Runs `f` in a scratch memory context, freed when it returns, for the
 /// Postgres memory that reading and writing many rows leaves behind: pgrx
 /// builds an array argument with two copies of every element in the current
 /// context, and copies each value a row reader returns into the *parent* of
 /// the current context. Inside SPI both would otherwise live until the call
 /// ends: most of the 9 KB per node a submitted flow took. Two levels, so
-/// that both land here. `f` must return only Rust-owned values (or datums moved to the
-/// caller's context with `SPI_datumTransfer`), and convert its arguments
-/// inside, before the statement (SPI leaves its own context current after
-/// every statement).
-pub fn scratch<R>(f: impl FnOnce() -> R) -> R {
+/// that both land here. `f` must return only Rust-owned values (or datums
+/// moved to the caller's context with `SPI_datumTransfer`), and convert its
+/// arguments inside, before the statement (SPI leaves its own context
+/// current after every statement).
+fn scratch<R>(f: impl FnOnce() -> R) -> R {
     let mut outer = pgrx::PgMemoryContexts::new("flowfabric scratch");
     // SAFETY: both contexts are valid until dropped; dropping one that is
     // current (an error unwinding through `f`) switches back to its parent.

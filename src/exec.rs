@@ -51,7 +51,7 @@
 //! cycle with another doing the same in another order: complete each in its
 //! own transaction.
 
-use crate::db::{col, col_req, exec, first_row, keyed, now_ms, scratch, with_spi, WRITE_CHUNK};
+use crate::db::{col, col_req, exec, first_row, keyed, now_ms, scratch_for, with_spi, WRITE_CHUNK};
 use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::ids::{check_text_id, clip, crc16, ExecutionId};
 use crate::jsonb::{RawJsonb, RawJsonbArray};
@@ -617,7 +617,7 @@ fn insert_chunk(c: &mut SpiClient<'_>, rows: &[NewRow<'_>], namespace: Option<&s
     }
     // Capabilities and budget ids travel as text joined by LIST_SEP, because
     // SQL arrays cannot nest.
-    let t = scratch(|| exec(
+    let t = scratch_for(rows.len(), || exec(
         c,
         "INSERT INTO ff_exec_core (execution_id, partition_key, flow_id, node_name, lane_id, namespace, payload,
              priority, required_capabilities, cap_set_id, budget_ids, budget_reserve, quota_policy_id, unique_key,
@@ -665,7 +665,7 @@ fn insert_chunk(c: &mut SpiClient<'_>, rows: &[NewRow<'_>], namespace: Option<&s
     let mut created: HashMap<[u8; 16], i16> = HashMap::with_capacity(rows.len());
     let mut notify = BTreeSet::new();
     let mut tally = Tally::default();
-    scratch(|| -> FfResult<()> {
+    scratch_for(rows.len(), || -> FfResult<()> {
         for row in t {
             let id: pgrx::Uuid = row.get(1)?.ok_or_else(|| FfError::internal("NULL execution id"))?;
             created.insert(*id.as_bytes(), row.get(2)?.unwrap_or(0));

@@ -11,7 +11,7 @@
 //! either sees the ending or is resolved by the cascade that follows it
 //! (the member's own rows are ended just before its flow row is taken).
 
-use crate::db::{col, col_req, exec, first_row, now_ms, scratch, with_spi, WRITE_CHUNK};
+use crate::db::{col, col_req, exec, first_row, now_ms, scratch_for, with_spi, WRITE_CHUNK};
 use crate::dispatch::{self, count, Delta, GroupPolicy};
 use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::exec::{self, pg_uuid, Bucket, Ended, Ending, Outcome, State, Wait};
@@ -822,6 +822,7 @@ pub fn submit_flow(spec: RawJsonb) -> FfResult<RawJsonb> {
             &[spec.into()],
         )?;
         let mut nodes = Vec::new();
+        let count = t.len();
         for (i, row) in t.enumerate() {
             if i >= MAX_SUBMIT_NODES {
                 return Err(spec_error(format!("more than {MAX_SUBMIT_NODES} nodes")));
@@ -829,7 +830,7 @@ pub fn submit_flow(spec: RawJsonb) -> FfResult<RawJsonb> {
             // The payload is copied to the caller's context (it is inserted
             // later); what reading the rest leaves behind is freed at once.
             let payload = row.get::<RawJsonb>(2)?;
-            let fields = scratch(|| row.get::<pgrx::JsonB>(1))?.map(|j| j.0).unwrap_or_default();
+            let fields = scratch_for(count, || row.get::<pgrx::JsonB>(1))?.map(|j| j.0).unwrap_or_default();
             nodes.push(spec_node(i, &fields, &flow, payload)?);
         }
         let mut names = BTreeMap::new();
@@ -941,7 +942,7 @@ fn insert_flow(
         let ups: Vec<Uuid> = chunk.iter().map(|(a, _, _)| uuids[*a]).collect();
         let downs: Vec<Uuid> = chunk.iter().map(|(_, b, _)| uuids[*b]).collect();
         let kinds: Vec<String> = chunk.iter().map(|(_, _, k)| k.clone()).collect();
-        scratch(|| {
+        scratch_for(chunk.len(), || {
             exec(
                 c,
                 "INSERT INTO ff_edge (flow_id, edge_id, partition_key, upstream_eid, downstream_eid, dependency_kind,
@@ -961,7 +962,7 @@ fn insert_flow(
             .map(|&i| pgrx::JsonB(nodes[i].policy.unwrap_or(GroupPolicy::AllOf).to_json()))
             .collect();
         let running: Vec<i32> = chunk.iter().map(|&i| indegree[i]).collect();
-        scratch(|| {
+        scratch_for(chunk.len(), || {
             exec(
                 c,
                 "INSERT INTO ff_edge_group (flow_id, downstream_eid, partition_key, policy, running_count)
