@@ -814,6 +814,12 @@ pub fn lease(
 // claim leases one row, and a statement written for one key plans as index
 // lookups; the batch form's unnest, hash join and grouped count cost more
 // to start up than the one row costs to write, on every claim.
+// A grant id is the hash of the grant key, which signs (execution, worker,
+// instance, expiry, kid): the same worker instance leasing the same
+// execution again with the same expiry millisecond (a short lease after a
+// long one, say) signs the very same key. The earlier row then describes
+// the new lease instead of failing the claim with 23505; the two keys are
+// one string, so no caller could tell them apart anyway.
 macro_rules! lease_sql {
     (with: $with:literal, grant: $grant:literal, from: $from:literal, count: $count:literal) => {
         concat!(
@@ -840,7 +846,9 @@ macro_rules! lease_sql {
          g AS (
              INSERT INTO ff_claim_grant (grant_id, partition_key, execution_id, worker_id, worker_instance_id,
                  lane_id, kid, grant_ttl_ms, issued_at_ms, expires_at_ms)
-             SELECT e.grant_id, e.partition_key, e.execution_id, $3, $4, e.lane_id, $7, $8, $5, $6 FROM e),
+             SELECT e.grant_id, e.partition_key, e.execution_id, $3, $4, e.lane_id, $7, $8, $5, $6 FROM e
+             ON CONFLICT (grant_id) DO UPDATE SET lane_id = EXCLUDED.lane_id, grant_ttl_ms = EXCLUDED.grant_ttl_ms,
+                 issued_at_ms = EXCLUDED.issued_at_ms, expires_at_ms = EXCLUDED.expires_at_ms),
          m AS (
              INSERT INTO ff_lane_counter AS c (lane_id, slot, claimed)
              ",

@@ -158,3 +158,31 @@ def test_a_long_lived_worker_session_keeps_using_the_indexes(cluster, db):
         assert moved >= 258, "the worker's statistics never arrived"
         grew = {t: after.get(t, 0) - before.get(t, 0) for t in tables}
         assert all(n == 0 for n in grew.values()), f"sequential scans during 257 cycles: {grew}"
+
+
+def test_the_same_grant_signed_again_is_a_claim_not_a_conflict(conn):
+    """A worker instance that gets an execution back and is given the same
+    expiry millisecond as its earlier lease signs the very same grant key
+    (the key signs execution, worker, instance, expiry and kid). That claim
+    succeeds (it was 23505, found by the model test) and the key fences the
+    new lease: it completes it."""
+    eid = conn.execute("SELECT ff_create_execution('same-grant')").fetchone()[0]
+    first = None
+    for _ in range(200):
+        if first is None:
+            first = conn.execute("SELECT grant_key, expires_at_ms FROM ff_claim_for_worker('same-grant', 'w', 'w-1', "
+                                 "grant_ttl_ms => 60000)").fetchone()
+            conn.execute("SELECT ff_cancel_execution(%s)", (eid,))
+            conn.execute("SELECT ff_retry_execution(%s)", (eid,))
+        # The ttl that lands on the first lease's expiry, computed in the statement.
+        again = conn.execute(
+            "SELECT grant_key, expires_at_ms FROM ff_claim_for_worker('same-grant', 'w', 'w-1', "
+            "grant_ttl_ms => %s - (extract(epoch FROM clock_timestamp()) * 1000)::bigint)", (first[1],)).fetchone()
+        if again[0] == first[0]:
+            assert again[1] == first[1]
+            conn.execute("SELECT ff_complete_execution(%s, %s)", (eid, again[0]))
+            assert conn.execute("SELECT ff_get_execution(%s) ->> 'public_state'", (eid,)).fetchone()[0] == "completed"
+            return
+        conn.execute("SELECT ff_cancel_execution(%s)", (eid,))
+        conn.execute("SELECT ff_retry_execution(%s)", (eid,))
+    pytest.fail("no claim landed on the first lease's expiry millisecond in 200 tries")
