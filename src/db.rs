@@ -87,22 +87,10 @@ fn cached_plan(
 /// arguments cost in memory is bounded by this, not by the call.
 pub const WRITE_CHUNK: usize = 2_000;
 
-/// `scratch` for many rows, `f` as it is for a few: the memory a few rows
-/// leave is small, and two contexts per block would cost a single-row call
-/// (one `ff_create_execution`) more than they save.
-pub fn scratch_for<R>(rows: usize, f: impl FnOnce() -> R) -> R {
-    if rows >= SCRATCH_MIN_ROWS {
-        scratch(f)
-    } else {
-        f()
-    }
-}
-
-/// Fewer rows than this are read or written without a scratch context.
-pub const SCRATCH_MIN_ROWS: usize = 100;
-
-/// Runs `f` in a scratch memory context, freed when it returns, for the
-/// Postgres memory that reading and writing many rows leaves behind: pgrx
+/// Runs `f` in a scratch memory context, freed when it returns, when a call
+/// reads or writes `rows` of 100 or more (for fewer, what they leave is
+/// small and two contexts would cost a single-row call more than they
+/// save). It holds the Postgres memory that many rows leave behind: pgrx
 /// builds an array argument with two copies of every element in the current
 /// context, and copies each value a row reader returns into the *parent* of
 /// the current context. Inside SPI both would otherwise live until the call
@@ -111,7 +99,10 @@ pub const SCRATCH_MIN_ROWS: usize = 100;
 /// moved to the caller's context with `SPI_datumTransfer`), and convert its
 /// arguments inside, before the statement (SPI leaves its own context
 /// current after every statement).
-fn scratch<R>(f: impl FnOnce() -> R) -> R {
+pub fn scratch_for<R>(rows: usize, f: impl FnOnce() -> R) -> R {
+    if rows < 100 {
+        return f();
+    }
     let mut outer = pgrx::PgMemoryContexts::new("flowfabric scratch");
     // SAFETY: both contexts are valid until dropped; dropping one that is
     // current (an error unwinding through `f`) switches back to its parent.
@@ -121,6 +112,16 @@ fn scratch<R>(f: impl FnOnce() -> R) -> R {
             inner.switch_to(|_| f())
         })
     }
+}
+
+/// Writes `items` `WRITE_CHUNK` to a statement: `write` gets each chunk and
+/// runs in `scratch_for` it, so what one statement's arguments cost is
+/// freed before the next.
+pub fn write_in_chunks<T>(items: &[T], mut write: impl FnMut(&[T]) -> FfResult<()>) -> FfResult<()> {
+    for chunk in items.chunks(WRITE_CHUNK) {
+        scratch_for(chunk.len(), || write(chunk))?;
+    }
+    Ok(())
 }
 
 /// A statement over a set of executions (or edges, or groups) comes in two

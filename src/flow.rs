@@ -11,7 +11,7 @@
 //! either sees the ending or is resolved by the cascade that follows it
 //! (the member's own rows are ended just before its flow row is taken).
 
-use crate::db::{col, col_req, exec, first_row, now_ms, scratch_for, with_spi, WRITE_CHUNK};
+use crate::db::{col, col_req, exec, first_row, now_ms, scratch_for, with_spi, write_in_chunks};
 use crate::dispatch::{self, count, Delta, GroupPolicy};
 use crate::error::{required, FfError, FfResult, OrRaise};
 use crate::exec::{self, pg_uuid, Bucket, Ended, Ending, Outcome, State, Wait};
@@ -937,41 +937,39 @@ fn insert_flow(
         return Err(FfError::internal("flow nodes were not all created"));
     }
     let uuids: Vec<Uuid> = ids.iter().map(|id| pg_uuid(&id.uuid)).collect();
-    for chunk in edges.chunks(WRITE_CHUNK) {
+    write_in_chunks(edges, |chunk| {
         let edge_ids: Vec<Uuid> = chunk.iter().map(|_| pg_uuid(&uuid::Uuid::new_v4())).collect();
         let ups: Vec<Uuid> = chunk.iter().map(|(a, _, _)| uuids[*a]).collect();
         let downs: Vec<Uuid> = chunk.iter().map(|(_, b, _)| uuids[*b]).collect();
         let kinds: Vec<String> = chunk.iter().map(|(_, _, k)| k.clone()).collect();
-        scratch_for(chunk.len(), || {
-            exec(
-                c,
-                "INSERT INTO ff_edge (flow_id, edge_id, partition_key, upstream_eid, downstream_eid, dependency_kind,
-                     edge_state, created_at_ms, applied_at_ms)
-                 SELECT $1, e.id, $2, e.up, e.down, e.kind, 'applied', $7, $7
-                 FROM unnest($3::uuid[], $4::uuid[], $5::uuid[], $6::text[]) AS e(id, up, down, kind)",
-                &[flow_pg.into(), partition.into(), edge_ids.into(), ups.into(), downs.into(), kinds.into(), now.into()],
-            )
-        })?;
-    }
+        exec(
+            c,
+            "INSERT INTO ff_edge (flow_id, edge_id, partition_key, upstream_eid, downstream_eid, dependency_kind,
+                 edge_state, created_at_ms, applied_at_ms)
+             SELECT $1, e.id, $2, e.up, e.down, e.kind, 'applied', $7, $7
+             FROM unnest($3::uuid[], $4::uuid[], $5::uuid[], $6::text[]) AS e(id, up, down, kind)",
+            &[flow_pg.into(), partition.into(), edge_ids.into(), ups.into(), downs.into(), kinds.into(), now.into()],
+        )?;
+        Ok(())
+    })?;
     // A group for each node with inbound edges (all running) or an explicit policy.
     let grouped: Vec<usize> = (0..nodes.len()).filter(|&i| indegree[i] > 0 || nodes[i].policy.is_some()).collect();
-    for chunk in grouped.chunks(WRITE_CHUNK) {
+    write_in_chunks(&grouped, |chunk| {
         let downs: Vec<Uuid> = chunk.iter().map(|&i| uuids[i]).collect();
         let policies: Vec<pgrx::JsonB> = chunk
             .iter()
             .map(|&i| pgrx::JsonB(nodes[i].policy.unwrap_or(GroupPolicy::AllOf).to_json()))
             .collect();
         let running: Vec<i32> = chunk.iter().map(|&i| indegree[i]).collect();
-        scratch_for(chunk.len(), || {
-            exec(
-                c,
-                "INSERT INTO ff_edge_group (flow_id, downstream_eid, partition_key, policy, running_count)
-                 SELECT $1, g.down, $2, g.policy, g.running
-                 FROM unnest($3::uuid[], $4::jsonb[], $5::int[]) AS g(down, policy, running)",
-                &[flow_pg.into(), partition.into(), downs.into(), policies.into(), running.into()],
-            )
-        })?;
-    }
+        exec(
+            c,
+            "INSERT INTO ff_edge_group (flow_id, downstream_eid, partition_key, policy, running_count)
+             SELECT $1, g.down, $2, g.policy, g.running
+             FROM unnest($3::uuid[], $4::jsonb[], $5::int[]) AS g(down, policy, running)",
+            &[flow_pg.into(), partition.into(), downs.into(), policies.into(), running.into()],
+        )?;
+        Ok(())
+    })?;
     let executions: serde_json::Map<String, serde_json::Value> =
         names.iter().map(|(name, &i)| (name.clone(), serde_json::Value::String(ids[i].to_string()))).collect();
     Ok(Some(serde_json::json!({
